@@ -1,0 +1,162 @@
+"""Evaluation data: CIFAR-10/100 from a local archive, and sklearn's 8x8 digits.
+
+Nothing here downloads anything.  CIFAR must already be on disk in the standard
+"python version" format (https://www.cs.toronto.edu/~kriz/cifar.html):
+
+- CIFAR-10:  ``cifar-10-batches-py/{data_batch_1..5, test_batch}``
+- CIFAR-100: ``cifar-100-python/{train, test}``
+
+either as the extracted directory or as the original ``.tar.gz``.  Each file is a
+pickled dict with ``b'data'`` (uint8, (N, 3072), channel-major RGB 32x32) and
+``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
+
+Security: those files are pickles, and unpickling an untrusted pickle can execute
+arbitrary code.  We parse them with :class:`_RestrictedUnpickler`, which only
+resolves the handful of globals a numpy-array pickle needs
+(``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``, and
+the ``_codecs.encode`` used by Python-2 era pickles); any other global raises
+``pickle.UnpicklingError``.
+
+All returned images are float32 in **[0, 1], NCHW**; labels int64.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import torch
+
+__all__ = ["load_cifar", "load_digits", "DIGITS_SPLIT"]
+
+# Globals a CIFAR pickle may reference.  numpy moved `core` to `_core` in 2.0 and
+# pickles written by either version name either module.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only builds plain containers and numpy arrays."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name} from a CIFAR pickle "
+            "(only numpy array reconstruction is allowed)")
+
+
+def _unpickle(data: bytes) -> dict:
+    # encoding='bytes' keeps the original byte-string keys (b'data', b'labels').
+    return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+    "cifar100": {"train": ["train"], "test": ["test"]},
+}
+_LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
+_SUBDIR = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _read_members(path: str, names: list[str], dataset: str) -> list[bytes]:
+    """Raw bytes of each named batch file, from a directory or a .tar.gz."""
+    if os.path.isdir(path):
+        # Accept either the batch directory itself or its parent.
+        for d in (path, os.path.join(path, _SUBDIR[dataset])):
+            if all(os.path.isfile(os.path.join(d, n)) for n in names):
+                out = []
+                for n in names:
+                    with open(os.path.join(d, n), "rb") as f:
+                        out.append(f.read())
+                return out
+        raise FileNotFoundError(
+            f"{path!r} does not contain the {dataset} python-version files {names} "
+            f"(expected them directly or under {_SUBDIR[dataset]}/)")
+    if os.path.isfile(path) and tarfile.is_tarfile(path):
+        with tarfile.open(path, "r:*") as tar:
+            by_base = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in names if n not in by_base]
+            if missing:
+                raise FileNotFoundError(f"archive {path!r} lacks {dataset} files {missing}")
+            # Read the members' bytes only: nothing is extracted to disk.
+            return [tar.extractfile(by_base[n]).read() for n in names]
+    raise FileNotFoundError(
+        f"CIFAR path {path!r} is neither a directory nor a .tar.gz archive; "
+        f"download the {dataset} 'python version' yourself and pass its location")
+
+
+def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 0,
+               dataset: str = "cifar10") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a seeded random subset of CIFAR-10/100 from a local python-version archive.
+
+    Args:
+        path: the extracted directory (or its parent) or the ``.tar.gz``.
+        split: "train" or "test".
+        n: subset size (512 as in the paper's evaluation); None or >= size for all,
+            in the original order.
+        seed: seed of the subset permutation (a fixed seed gives the same subset).
+        dataset: "cifar10" or "cifar100".
+
+    Returns:
+        x: float32 (n, 3, 32, 32) in [0, 1];  y: int64 (n,).
+    """
+    if dataset not in _FILES:
+        raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = _FILES[dataset][split]
+    xs, ys = [], []
+    for raw in _read_members(os.fspath(path), names, dataset):
+        d = _unpickle(raw)
+        if not isinstance(d, dict) or b"data" not in d or _LABEL_KEY[dataset] not in d:
+            raise ValueError(f"{dataset} batch lacks b'data' / {_LABEL_KEY[dataset]!r}")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"expected b'data' of shape (N, 3072), got {data.shape}")
+        xs.append(data)
+        ys.append(np.asarray(d[_LABEL_KEY[dataset]], dtype=np.int64))
+    x = np.concatenate(xs).reshape(-1, 3, 32, 32)
+    y = np.concatenate(ys)
+    if n is not None and n < len(y):
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+        x, y = x[idx], y[idx]
+    return torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y)
+
+
+# Fixed split of sklearn's 1797 digits: 1497 train / 300 test, permutation seed 0.
+DIGITS_SPLIT = {"n_test": 300, "seed": 0}
+
+
+def load_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 handwritten digits on a fixed seeded split (ships with sklearn).
+
+    Pixel values 0..16 are divided by 16.
+
+    Returns:
+        x: float32 (N, 1, 8, 8) in [0, 1] (N = 300 for "test", 1497 for "train",
+            1797 for "all");  y: int64 (N,).
+    """
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    if split == "all":
+        return x, y
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT["seed"]))
+    test_idx, train_idx = perm[:DIGITS_SPLIT["n_test"]], perm[DIGITS_SPLIT["n_test"]:]
+    if split == "test":
+        return x[test_idx], y[test_idx]
+    if split == "train":
+        return x[train_idx], y[train_idx]
+    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")

@@ -1,0 +1,38 @@
+"""Classifier-confidence guidance: grad_x log max_y softmax(f((x + 1) / 2))_y (Eq. 5)."""
+from __future__ import annotations
+
+import torch
+
+
+def log_max_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log max_y softmax(l)_y = l_{y*} - logsumexp(l), per row; (B, C) -> (B,).
+
+    Its gradient with respect to the logits is e_{y*} - softmax(l) (DESIGN.md).
+    Pure-torch reference of the fused Triton op (coup_fast.kernels.confidence).
+    """
+    return logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)
+
+
+def state_to_image(x: torch.Tensor) -> torch.Tensor:
+    """Diffusion state x in [-1, 1] -> image u = (x + 1) / 2 in [0, 1]."""
+    return (x + 1.0) * 0.5
+
+
+def image_to_state(u: torch.Tensor) -> torch.Tensor:
+    """Image u in [0, 1] -> diffusion state x = 2u - 1 in [-1, 1]."""
+    return u * 2.0 - 1.0
+
+
+def confidence_grad(classifier, x: torch.Tensor, *, create_graph: bool = False,
+                    log_confidence=log_max_softmax) -> torch.Tensor:
+    """grad_x log max_y p(y | (x + 1)/2) for a batch of states x in [-1, 1], same shape as x.
+
+    The classifier takes [0, 1] images and returns logits (B, C).  With create_graph=True the
+    result is itself differentiable (the Hessian-vector products of the exact adjoint).
+    """
+    with torch.enable_grad():
+        if not (create_graph and x.requires_grad):
+            x = x.detach().requires_grad_(True)
+        objective = log_confidence(classifier(state_to_image(x))).sum()
+        (grad,) = torch.autograd.grad(objective, x, create_graph=create_graph)
+    return grad

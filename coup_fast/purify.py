@@ -1,0 +1,244 @@
+"""COUP purification (Algorithm 1 of arXiv 2408.05900) with exact, memory-bounded gradients."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+from .guidance import confidence_grad, image_to_state, state_to_image
+from .noise import draw_seed, rng_table
+from .sde import ReverseGrid, diffuse, euler_maruyama_step
+
+MODES = ("coup", "reverse", "diffpure")
+GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
+RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything the solve needs besides the tensors: grid, guidance weight, mode."""
+
+    grid: ReverseGrid
+    lam: float
+    mode: str
+
+    @property
+    def n_noise(self) -> int:
+        """Number of standard-normal draws of x's shape: N steps (+1 for DiffPure's forward diffusion)."""
+        return self.grid.n_steps + (self.mode == "diffpure")
+
+
+def _model_device(model):
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return None
+
+
+def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True) -> Setting:
+    """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+    if x.ndim not in (2, 4):
+        raise ValueError(f"x: expected a batch of images (B, C, H, W) or vectors (B, D), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x: the batch is empty")
+    if not torch.isfinite(x).all():
+        raise ValueError("x: contains NaN or Inf")
+    if image_range:
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
+            raise ValueError(f"x: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(gradient, str) or gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+    if not (isinstance(t_star, (int, float)) and 0.0 < t_star <= 1.0):
+        raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
+    if not (isinstance(dt, (int, float)) and 0.0 < dt <= t_star):
+        raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
+    for name, model in (("score_model", score_model), ("classifier", classifier)):
+        if model is None and name == "score_model":
+            raise ValueError("score_model: expected a callable (x, t) -> score, got None")
+        if model is not None and not callable(model):
+            raise ValueError(f"{name}: expected a callable, got {type(model).__name__}")
+        dev = _model_device(model)
+        if dev is not None and dev != x.device:
+            raise ValueError(f"{name}: its parameters are on {dev} but x is on {x.device}; move one of them")
+    effective_lam = float(lam) if mode == "coup" else 0.0
+    if effective_lam > 0.0 and classifier is None:
+        raise ValueError("classifier: guidance (mode='coup', lam > 0) needs a classifier, got None")
+    setting = Setting(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode)
+    if noise is not None:
+        expected = (setting.n_noise, *x.shape)
+        if not torch.is_tensor(noise) or tuple(noise.shape) != expected:
+            got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+            what = "N + 1 (first draw: the forward diffusion)" if mode == "diffpure" else "N"
+            raise ValueError(f"noise: expected shape {expected} ({what} draws of x's shape, N = {setting.grid.n_steps}), got {got}")
+        if noise.device != x.device:
+            raise ValueError(f"noise: expected on {x.device}, got {noise.device}")
+        if not torch.isfinite(noise).all():
+            raise ValueError("noise: contains NaN or Inf")
+    return setting
+
+
+class Noise:
+    """Where z_k comes from: a given tensor (validation) or the counter-based stream of one seed."""
+
+    def __init__(self, like: torch.Tensor, setting: Setting, noise=None, generator=None):
+        self.tensor = None if noise is None else noise.to(like.dtype)
+        self.seed = None if noise is not None else draw_seed(generator)
+        # Steps use counters k = 0..N-1; DiffPure's forward draw uses counter N.
+        self.table = None if noise is not None else rng_table(self.seed, setting.grid.n_steps + 1, like.device)
+        self.offset = int(setting.mode == "diffpure")
+
+    def diffusion_eps(self, like):
+        return self.tensor[0] if self.tensor is not None else ops.normal_noise(like, self.table[-1])
+
+    def step(self, x, score, guidance, k: int, beta_dt: float, lam: float):
+        if self.tensor is not None:
+            return euler_maruyama_step(x, score, guidance, beta_dt, lam, self.tensor[self.offset + k])
+        return ops.em_step(x, score, guidance, self.table[k], beta_dt, lam)
+
+    def step_noise(self, like, setting: Setting) -> torch.Tensor:
+        """The N step draws as one (N, *shape) tensor (for the torchsde reference path)."""
+        if self.tensor is not None:
+            return self.tensor[self.offset:]
+        return torch.stack([ops.normal_noise(like, self.table[k]) for k in range(setting.grid.n_steps)])
+
+
+def _time(x, t: float):
+    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+
+
+def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_graph=False):
+    """Score s(x, t) and guidance g = grad_x log max_y p(y|x) (None when lam = 0)."""
+    score = score_model(x, _time(x, t))
+    guidance = confidence_grad(classifier, x, create_graph=create_graph, log_confidence=ops.log_confidence) if lam > 0 else None
+    return score, guidance
+
+
+def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create_graph=False, trajectory=None,
+          callback=None):
+    """Run the guided reverse SDE from t* to 0 on states x in [-1, 1] (Eq. 5, Euler-Maruyama).
+
+    With create_graph=True every step stays on the autograd tape (the unrolled reference);
+    otherwise the caller runs it under no_grad.  `trajectory`, a list, receives x_0 .. x_{N-1}.
+    `callback({'k', 't', 'x'})` is called after each step.
+    """
+    grid = setting.grid
+    for k in range(grid.n_steps):
+        if trajectory is not None:
+            trajectory.append(x)
+        t_k = grid.t(k)
+        score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
+        x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
+        if callback is not None:
+            callback({"k": k, "t": t_k, "x": x})
+    return x
+
+
+def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hessian: bool):
+    """J_s(x_k)^T a + lam H(x_k) a, recomputing one step's network graph (DESIGN.md)."""
+    with torch.enable_grad():
+        x_k = x_k.detach().requires_grad_(True)
+        objective = (score_model(x_k, _time(x_k, t)) * a).sum()
+        if lam > 0 and with_hessian:
+            guidance = confidence_grad(classifier, x_k, create_graph=True, log_confidence=ops.log_confidence)
+            objective = objective + lam * (guidance * a).sum()
+        (vjp,) = torch.autograd.grad(objective, x_k)
+    return vjp
+
+
+class _ExactSolve(torch.autograd.Function):
+    """Forward: the solve, keeping only x_0..x_{N-1}.  Backward: the discrete adjoint, walking
+    k = N-1..0 and recomputing one step's graph at a time, so memory is the trajectory plus one
+    step's activations.  with_hessian=False is the paper's detached-guidance gradient."""
+
+    @staticmethod
+    def forward(ctx, x, score_model, classifier, setting, source, with_hessian):
+        trajectory = []
+        with torch.no_grad():
+            out = solve(x, score_model, classifier, setting, source, trajectory=trajectory)
+        ctx.save_for_backward(*trajectory)
+        ctx.models, ctx.setting, ctx.with_hessian = (score_model, classifier), setting, with_hessian
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        score_model, classifier = ctx.models
+        grid, lam = ctx.setting.grid, ctx.setting.lam
+        a = grad_out.contiguous()
+        for k in reversed(range(grid.n_steps)):
+            vjp = adjoint_vjp(ctx.saved_tensors[k], a, grid.t(k), score_model, classifier, lam, ctx.with_hessian)
+            a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
+        return a, None, None, None, None, None
+
+
+def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gradient: str = "exact"):
+    """The purifier on states in [-1, 1]: start point (mode), solve, gradient method."""
+    if gradient == "bpda":  # straight-through: forward as usual, identity Jacobian
+        with torch.no_grad():
+            out = purify_state(x, score_model, classifier, setting, source, "exact")
+        return x + (out - x).detach()
+    if setting.mode == "diffpure":
+        x = diffuse(x, setting.grid.t_star, source.diffusion_eps(x))
+    if gradient == "adjoint":
+        from .reference import solve_torchsde
+
+        return solve_torchsde(x, score_model, classifier, setting, source.step_noise(x, setting), adjoint=True)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        with torch.no_grad():
+            return solve(x, score_model, classifier, setting, source)
+    return _ExactSolve.apply(x, score_model, classifier, setting, source, gradient == "exact")
+
+
+def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
+           gradient="exact"):
+    """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
+
+    x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
+    t of shape (B,).  classifier(u) -> logits for u in [0, 1] (may be None when lam = 0).
+    mode: 'coup' (start at x, guidance lam), 'reverse' (lam = 0), 'diffpure' (diffuse to t*
+    first, lam = 0).  N = round(t*/dt) steps.  noise: optional (N, *x.shape) standard normals
+    ((N + 1, ...) for 'diffpure', draw 0 diffusing) used as z_k exactly; otherwise a seed is
+    drawn from `generator` (torch's global RNG if None).  gradient: 'exact' (discrete adjoint),
+    'adjoint' (torchsde stochastic adjoint), 'bpda' (straight-through), 'detached-guidance'
+    (the paper's code: guidance constant in the backward pass).
+    Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
+    """
+    setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
+                       noise=noise)
+    source = Noise(x, setting, noise, generator)
+    out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient)
+    return state_to_image(out).clamp(0.0, 1.0)
+
+
+class PurifiedClassifier(nn.Module):
+    """classifier(purify(x)) as one module: a drop-in for AutoAttack and PGD loops.
+
+    Every call draws fresh noise (pass generator= for a reproducible sequence of calls).
+    """
+
+    def __init__(self, score_model, classifier, **purify_kwargs):
+        super().__init__()
+        self.score_model, self.classifier = score_model, classifier
+        self.purify_kwargs = purify_kwargs
+        if "gradient" in purify_kwargs and purify_kwargs["gradient"] not in GRADIENTS:
+            raise ValueError(f"gradient: expected one of {GRADIENTS}, got {purify_kwargs['gradient']!r}")
+
+    def purify(self, x):
+        return purify(x, self.score_model, self.classifier, **self.purify_kwargs)
+
+    def forward(self, x):
+        return self.classifier(self.purify(x))
