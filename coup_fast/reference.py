@@ -118,7 +118,8 @@ def solve_torchsde(x, score_model, classifier, setting: Setting, noise=None, *, 
     sde = GuidedReverseSDE(score_model, classifier, setting.lam, grid.t_star, x.shape)
     if bm is None:
         bm = GridBrownian(noise.to(x.dtype), grid.h)
-    ts = torch.tensor([0.0, grid.t_star], dtype=x.dtype, device=x.device)
+    # float64 times keep the solver on the grid where the Brownian increments were taken.
+    ts = torch.tensor([0.0, grid.t_star], dtype=torch.float64, device=x.device)
     y0 = x.reshape(x.shape[0], -1)
     if adjoint:
         extra = {} if adjoint_params is None else {"adjoint_params": tuple(adjoint_params)}

@@ -1,0 +1,53 @@
+"""Shared test problems: the analytic mixture + linear-softmax pair, and tiny neural nets."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
+from coup_fast.score import EpsilonScore
+
+
+def analytic_problem(d: int = 6, n_classes: int = 4, dtype=torch.float32, seed: int = 0):
+    """(score_model, classifier) with closed-form score, guidance and Hessian, in dimension d."""
+    g = torch.Generator().manual_seed(seed)
+    gmm = GaussianMixture(0.5 * torch.randn(3, d, generator=g, dtype=torch.float64), [0.3, 0.4, 0.5])
+    clf = LinearSoftmaxClassifier(3.0 * torch.randn(n_classes, d, generator=g, dtype=torch.float64),
+                                  torch.randn(n_classes, generator=g, dtype=torch.float64))
+    return gmm, clf.to(dtype)
+
+
+class TinyEpsNet(nn.Module):
+    """A small epsilon-prediction conv net with a time input, for (B, C, H, W) states."""
+
+    def __init__(self, channels: int = 1, width: int = 8):
+        super().__init__()
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.time = nn.Linear(1, width)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.time(t.reshape(-1, 1).to(x.dtype))[:, :, None, None]
+        return self.out(torch.tanh(h))
+
+
+class TinyClassifier(nn.Module):
+    """A small CNN classifier on [0, 1] images (smooth activations, so Hessians are non-trivial)."""
+
+    def __init__(self, channels: int = 1, size: int = 4, n_classes: int = 5, width: int = 6):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1)
+        self.fc = nn.Linear(width * size * size, n_classes)
+
+    def forward(self, u):
+        return self.fc(torch.tanh(self.conv(u)).flatten(1))
+
+
+def neural_problem(dtype=torch.float32, seed: int = 0, channels: int = 1, size: int = 4):
+    """(score_model, classifier): tiny random conv nets, the score through EpsilonScore."""
+    torch.manual_seed(seed)
+    score = EpsilonScore(TinyEpsNet(channels)).to(dtype).eval()
+    clf = TinyClassifier(channels, size).to(dtype).eval()
+    for p in list(score.parameters()) + list(clf.parameters()):
+        p.requires_grad_(False)
+    return score, clf

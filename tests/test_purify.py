@@ -1,0 +1,166 @@
+import math
+
+import pytest
+import torch
+
+import coup_fast
+from coup_fast import PurifiedClassifier, purify
+from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
+from coup_fast.noise import philox_normal
+from coup_fast.sde import ReverseGrid
+from problems import analytic_problem, neural_problem
+
+
+@pytest.fixture
+def analytic():
+    return analytic_problem(d=6)
+
+
+def _x(b=4, d=6, dtype=torch.float32):
+    return torch.rand(b, d, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+BAD_INPUTS = [
+    (dict(x=torch.full((2, 6), float("nan"))), "x"),
+    (dict(x=torch.full((2, 6), float("inf"))), "x"),
+    (dict(x=torch.rand(6)), "x"),
+    (dict(x=torch.rand(1, 2, 6)), "x"),
+    (dict(x=torch.ones(2, 6, dtype=torch.int64)), "x"),
+    (dict(x=torch.rand(2, 6) + 0.5), "x"),
+    (dict(x=torch.rand(2, 6) - 0.5), "x"),
+    (dict(t_star=0.0), "t_star"),
+    (dict(t_star=1.5), "t_star"),
+    (dict(dt=0.0), "dt"),
+    (dict(dt=0.2), "dt"),
+    (dict(lam=-1.0), "lam"),
+    (dict(lam=float("nan")), "lam"),
+    (dict(mode="forward"), "mode"),
+    (dict(gradient="fancy"), "gradient"),
+    (dict(noise=torch.zeros(99, 2, 6)), "noise"),
+    (dict(noise=torch.zeros(100, 2, 6), mode="diffpure"), "noise"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_INPUTS)
+def test_bad_input_raises_value_error_naming_the_argument(analytic, kwargs, name):
+    score, clf = analytic
+    args = dict(x=torch.rand(2, 6), t_star=0.1, dt=1e-3, lam=1.0, mode="coup", gradient="exact", noise=None)
+    args.update(kwargs)
+    x = args.pop("x")
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        purify(x, score, clf, **args)
+
+
+def test_models_on_another_device_are_rejected(analytic):
+    score, _ = analytic
+    meta_clf = LinearSoftmaxClassifier(torch.zeros(3, 6)).to("meta")
+    with pytest.raises(ValueError, match="^classifier:.*meta"):
+        purify(torch.rand(2, 6), score, meta_clf)
+
+
+def test_guidance_without_classifier_is_rejected(analytic):
+    with pytest.raises(ValueError, match="^classifier:"):
+        purify(torch.rand(2, 6), analytic[0], None, lam=1.0)
+    out = purify(torch.rand(2, 6), analytic[0], None, mode="reverse")  # no guidance: fine
+    assert out.shape == (2, 6)
+
+
+def test_output_shape_range_and_seed_reproducibility(analytic):
+    score, clf = analytic
+    x = _x()
+    a = purify(x, score, clf, generator=torch.Generator().manual_seed(3))
+    b = purify(x, score, clf, generator=torch.Generator().manual_seed(3))
+    c = purify(x, score, clf, generator=torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.manual_seed(11)
+    d = purify(x, score, clf)
+    torch.manual_seed(11)
+    assert torch.equal(d, purify(x, score, clf))
+
+
+def test_seeded_noise_is_the_counter_stream(analytic):
+    # The seed path must use z_k = philox_normal(seed, k): replaying it as an explicit noise
+    # tensor (pure torch) gives the same result as the fused ops.
+    score, clf = analytic
+    x = _x()
+    seed = coup_fast.noise.draw_seed(torch.Generator().manual_seed(8))
+    fused = purify(x, score, clf, generator=torch.Generator().manual_seed(8))
+    noise = torch.stack([philox_normal(seed, k, x.shape) for k in range(100)])
+    assert (fused - purify(x, score, clf, noise=noise)).abs().max() < 1e-5
+
+
+def test_image_batches_and_neural_models():
+    score, clf = neural_problem()
+    x = torch.rand(3, 1, 4, 4)
+    out = purify(x, score, clf, t_star=0.05, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_exact_gradient_passes_gradcheck_on_analytic_models():
+    score, clf = analytic_problem(d=3, dtype=torch.float64)
+    x = (0.25 + 0.5 * torch.rand(2, 3, dtype=torch.float64)).requires_grad_()
+    noise = 0.1 * torch.randn(4, 2, 3, dtype=torch.float64)
+    for mode in ("coup", "reverse"):
+        fn = lambda v: purify(v, score, clf, t_star=0.02, dt=0.005, lam=2.0, mode=mode, noise=noise)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+    noise_dp = 0.1 * torch.randn(5, 2, 3, dtype=torch.float64)
+    fn = lambda v: purify(v, score, clf, t_star=0.02, dt=0.005, mode="diffpure", noise=noise_dp)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+def test_detached_guidance_misses_exactly_the_lambda_hessian_term():
+    # One step, no noise, interior point: d out / d x = (1 + bdt/2) I + bdt (J_s + lam H) for the
+    # exact gradient; the paper's detached guidance drops bdt lam H (closed form for the linear classifier).
+    score, clf = analytic_problem(d=4, dtype=torch.float64)
+    x = torch.full((1, 4), 0.5, dtype=torch.float64) + 0.05 * torch.randn(1, 4, dtype=torch.float64)
+    lam, t_star = 3.0, 0.01
+    noise = torch.zeros(1, 1, 4, dtype=torch.float64)
+
+    def jac(gradient):
+        return torch.autograd.functional.jacobian(
+            lambda v: purify(v, score, clf, t_star=t_star, dt=t_star, lam=lam, noise=noise, gradient=gradient), x
+        ).reshape(4, 4)
+
+    diff = jac("exact") - jac("detached-guidance")
+    bdt = ReverseGrid.from_dt(t_star, t_star).beta_dt(0)
+    expected = bdt * lam * clf.confidence_hessian(2 * x - 1)[0]
+    assert expected.abs().max() > 1e-4  # the term matters here
+    assert torch.allclose(diff, expected, atol=1e-12, rtol=1e-9)
+
+
+def test_bpda_is_straight_through(analytic):
+    score, clf = analytic
+    x = _x().requires_grad_()
+    out = purify(x, score, clf, gradient="bpda", generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    inside = (out > 0) & (out < 1)
+    assert torch.equal(g[inside], torch.ones_like(g[inside]))
+
+
+def test_guidance_lowers_label_flips_on_two_gaussians():
+    # 1-D mixture N(-0.5, 1) (y=0) / N(0.5, 1) (y=1) in the diffusion space; the Bayes classifier's
+    # logits are (-x/2, x/2), i.e. linear in u = (x + 1)/2.  Start at x = 0.2 (u = 0.6), t* = 0.1.
+    gmm = GaussianMixture(torch.tensor([[-0.5], [0.5]]), [1.0, 1.0])
+    clf = LinearSoftmaxClassifier(torch.tensor([[-1.0], [1.0]]), torch.tensor([0.5, -0.5]))
+    n = 20_000
+    x = torch.full((n, 1), 0.6)
+    flips = {}
+    for lam in (0.0, 2.0):
+        out = purify(x, gmm, clf, lam=lam, generator=torch.Generator().manual_seed(0))
+        flips[lam] = (out < 0.5).double().mean().item()
+    se = math.sqrt(flips[0.0] * (1 - flips[0.0]) / n)
+    assert flips[2.0] < flips[0.0] - 4 * se, flips
+
+
+def test_purified_classifier_is_a_differentiable_module(analytic):
+    score, clf = analytic
+    model = PurifiedClassifier(score, clf, t_star=0.02)
+    x = _x().requires_grad_()
+    logits = model(x)
+    assert logits.shape == (4, clf.weight.shape[0])
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long)), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="^gradient:"):
+        PurifiedClassifier(score, clf, gradient="nope")
