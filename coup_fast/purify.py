@@ -102,7 +102,8 @@ class Noise:
         self.offset = int(setting.mode == "diffpure")
 
     def diffusion_eps(self, like):
-        return self.tensor[0] if self.tensor is not None else ops.normal_noise(like, self.table[-1])
+        # detach: the draw depends on the shape of x, never on its values
+        return self.tensor[0] if self.tensor is not None else ops.normal_noise(like.detach(), self.table[-1])
 
     def step(self, x, score, guidance, k: int, beta_dt: float, lam: float):
         if self.tensor is not None:
@@ -113,7 +114,7 @@ class Noise:
         """The N step draws as one (N, *shape) tensor (for the torchsde reference path)."""
         if self.tensor is not None:
             return self.tensor[self.offset:]
-        return torch.stack([ops.normal_noise(like, self.table[k]) for k in range(setting.grid.n_steps)])
+        return torch.stack([ops.normal_noise(like.detach(), self.table[k]) for k in range(setting.grid.n_steps)])
 
 
 def _time(x, t: float):
@@ -178,9 +179,10 @@ class _ExactSolve(torch.autograd.Function):
     def backward(ctx, grad_out):
         score_model, classifier = ctx.models
         grid, lam = ctx.setting.grid, ctx.setting.lam
+        trajectory = ctx.saved_tensors  # unpack once: each access unpacks (and version-checks) all N
         a = grad_out.contiguous()
         for k in reversed(range(grid.n_steps)):
-            vjp = adjoint_vjp(ctx.saved_tensors[k], a, grid.t(k), score_model, classifier, lam, ctx.with_hessian)
+            vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, ctx.with_hessian)
             a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
         return a, None, None, None, None, None
 
@@ -204,7 +206,7 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact"):
+           gradient="exact", engine="eager"):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -215,10 +217,20 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     drawn from `generator` (torch's global RNG if None).  gradient: 'exact' (discrete adjoint),
     'adjoint' (torchsde stochastic adjoint), 'bpda' (straight-through), 'detached-guidance'
     (the paper's code: guidance constant in the backward pass).
+    engine: 'eager' (default), 'graph' or 'auto' (CUDA graphs for CUDA tensors, coup_fast.graphs; not
+    yet validated on a GPU, hence opt-in).
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                        noise=noise)
+    # --- engine hook: CUDA-graph-captured loops (coup_fast/graphs.py); None = not capturable, run eager ---
+    from . import graphs
+
+    if graphs.use_graph(engine, x, noise, gradient):
+        out = graphs.purify_graph(x, score_model, classifier, setting, generator, gradient)
+        if out is not None:
+            return out
+    # --- end of engine hook ---
     source = Noise(x, setting, noise, generator)
     out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient)
     return state_to_image(out).clamp(0.0, 1.0)

@@ -21,6 +21,9 @@ from .purify import Noise, Setting, solve, validate
 from .sde import ReverseGrid, diffuse, vp_beta
 
 
+T_MIN = 1e-5  # smallest time the torchsde drift is evaluated at
+
+
 class GuidedReverseSDE(nn.Module):
     """Eq. 5 as a torchsde SDE (Ito, diagonal noise) in the forward variable s = t* - t.
 
@@ -38,7 +41,10 @@ class GuidedReverseSDE(nn.Module):
         self.lam, self.t_star, self.shape = float(lam), float(t_star), tuple(shape)
 
     def _t(self, s):
-        return self.t_star - float(s)
+        # The adjoint evaluates the drift at the end point s = t* (t = 0), where sigma(0) = 0 makes
+        # epsilon-model scores infinite; the forward Euler solve never goes there (t_k >= h).  Clamp
+        # as DiffPure does.
+        return max(self.t_star - float(s), T_MIN)
 
     def f(self, s, y):
         t = self._t(s)
