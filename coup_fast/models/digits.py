@@ -1,0 +1,143 @@
+"""The embedded default: a tiny score model and classifier for sklearn's 8x8 digits.
+
+They let the whole pipeline (purification, attacks, exact gradients) run on a laptop
+CPU with no download.  Images are 1x8x8; see ``coup_fast.data.load_digits`` for the
+fixed train/test split and ``python -m coup_fast.train digits`` for how the shipped
+weights in ``coup_fast/weights/`` were made.
+
+- :class:`DigitsEpsNet`: epsilon-prediction U-Net, x in [-1, 1] (B, 1, 8, 8), time
+  label 999 t (B,)  ->  eps_hat (B, 1, 8, 8).  Wrapped by
+  :func:`coup_fast.score.score_sde_continuous` it is a score model.
+- :class:`DigitsClassifier`: small CNN, u in [0, 1] (B, 1, 8, 8) -> logits (B, 10).
+  SiLU rather than ReLU so that its input Hessian (used by the exact adjoint of the
+  guided sampler) is not almost everywhere zero.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..score import score_sde_continuous
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+SCORE_FILE = "digits_score.safetensors"
+CLASSIFIER_FILE = "digits_classifier.safetensors"
+META_FILE = "digits.json"
+
+
+def timestep_embedding(label: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
+    """Transformer sinusoidal embedding of a (B,) time label -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_positions) * torch.arange(half, device=label.device,
+                                                               dtype=torch.float32) / (half - 1))
+    arg = label.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1).to(label.dtype)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added in between; 1x1 skip if channels change."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(min(8, cin // 4), cin)
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm1 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv1(F.silu(self.norm1(h)))
+        return self.skip(x) + h
+
+
+class DigitsEpsNet(nn.Module):
+    """Two-level U-Net (8x8 -> 4x4 -> 8x8) predicting the noise of a 1x8x8 image.
+
+    forward(x, label): x (B, 1, 8, 8) in the diffusion space ([-1, 1] at t = 0),
+    label (B,) = 999 t; returns eps_hat (B, 1, 8, 8).
+    """
+
+    def __init__(self, ch: int = 16, ch2: int = 32, temb_dim: int = 64):
+        super().__init__()
+        self.config = {"ch": ch, "ch2": ch2, "temb_dim": temb_dim}
+        self.temb_dim = temb_dim
+        self.temb_mlp = nn.Sequential(nn.Linear(temb_dim, temb_dim), nn.SiLU(),
+                                      nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+        self.down0 = _ResBlock(ch, ch, temb_dim)                    # 8x8
+        self.downsample = nn.Conv2d(ch, ch, 3, stride=2, padding=1)  # -> 4x4
+        self.mid0 = _ResBlock(ch, ch2, temb_dim)
+        self.mid1 = _ResBlock(ch2, ch2, temb_dim)
+        self.up0 = _ResBlock(ch2 + ch, ch, temb_dim)                # after upsample + skip
+        self.out0 = _ResBlock(2 * ch, ch, temb_dim)                 # 8x8, with input skip
+        self.norm_out = nn.GroupNorm(8, ch)
+        self.conv_out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        temb = self.temb_mlp(timestep_embedding(label, self.temb_dim).to(x.dtype))
+        h0 = self.conv_in(x)
+        h1 = self.down0(h0, temb)
+        h = self.downsample(h1)
+        h = self.mid1(self.mid0(h, temb), temb)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        h = self.up0(torch.cat([h, h1], 1), temb)
+        h = self.out0(torch.cat([h, h0], 1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN for 8x8 digits: u in [0, 1] (B, 1, 8, 8) -> logits (B, 10)."""
+
+    def __init__(self, ch: int = 32, hidden: int = 128):
+        super().__init__()
+        self.config = {"ch": ch, "hidden": hidden}
+        self.features = nn.Sequential(
+            nn.Conv2d(1, ch, 3, padding=1), nn.SiLU(),                     # 8x8
+            nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.SiLU(),      # 4x4
+            nn.Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1), nn.SiLU(),  # 2x2
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * ch * 4, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, 10))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        # Centre the input so that the first layer sees zero-mean-ish data.
+        return self.head(self.features(2.0 * u - 1.0))
+
+
+def load_digits_models(device="cpu", weights_dir: str | None = None):
+    """Load the shipped digits models.
+
+    Returns:
+        score_model: callable ``(x, t) -> score``; x (B, 1, 8, 8) in [-1, 1], t a float,
+            0-d or (B,) tensor.  A :class:`coup_fast.score.EpsilonScore` (its
+            ``.eps_model`` is the raw noise predictor, called with label 999 t).
+        classifier: u (B, 1, 8, 8) in [0, 1] -> logits (B, 10).
+    Both are in eval mode with ``requires_grad`` off on their parameters.
+    """
+    from safetensors.torch import load_file
+
+    d = weights_dir or WEIGHTS_DIR
+    paths = [os.path.join(d, f) for f in (SCORE_FILE, CLASSIFIER_FILE)]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: train it with `python -m coup_fast.train digits`")
+    meta = {}
+    if os.path.isfile(os.path.join(d, META_FILE)):
+        with open(os.path.join(d, META_FILE)) as f:
+            meta = json.load(f)
+    net = DigitsEpsNet(**meta.get("score_config", {}))
+    clf = DigitsClassifier(**meta.get("classifier_config", {}))
+    net.load_state_dict(load_file(paths[0]), strict=True)
+    clf.load_state_dict(load_file(paths[1]), strict=True)
+    score = score_sde_continuous(net)
+    for m in (score, clf):
+        m.to(device).eval().requires_grad_(False)
+    return score, clf

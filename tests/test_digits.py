@@ -1,0 +1,115 @@
+"""The embedded digits default: shipped weights, their quality, retraining, purification."""
+import json
+import os
+
+import pytest
+import torch
+
+from coup_fast.data import load_digits
+from coup_fast.models import load_digits_models
+from coup_fast.models.digits import (CLASSIFIER_FILE, META_FILE, SCORE_FILE, WEIGHTS_DIR,
+                                     DigitsClassifier, DigitsEpsNet)
+from coup_fast.sde import vp_sigma
+from coup_fast.train import accuracy, eval_dsm, main, train_classifier, train_score
+
+# Thresholds sit below the values measured on the shipped weights (coup_fast/weights/digits.json):
+# clean test accuracy 0.9933; denoising loss on the test split t=0.01: 0.541, t=0.05: 0.345,
+# t=0.1: 0.231, training t-mixture: 0.154 (eps_hat = 0 scores 1.0); after purification at
+# t* = 0.1 with generator seed 0: 0.9767 (lam = 0) and 0.9833 (lam = 1).
+MIN_CLEAN_ACC = 0.97
+MAX_SCORE_LOSS = {"t=0.01": 0.65, "t=0.05": 0.42, "t=0.1": 0.29, "mix": 0.20}
+MIN_PURIFIED_ACC = {0.0: 0.95, 1.0: 0.95}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets: one intra-op thread avoids oversubscription on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_digits_models()
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_digits("test")
+
+
+def test_shipped_files_are_small_and_described():
+    for f in (SCORE_FILE, CLASSIFIER_FILE):
+        assert os.path.getsize(os.path.join(WEIGHTS_DIR, f)) < 2_000_000
+    with open(os.path.join(WEIGHTS_DIR, META_FILE)) as f:
+        meta = json.load(f)
+    assert meta["metrics"]["classifier_test_acc"] >= MIN_CLEAN_ACC
+
+
+def test_shipped_classifier_accuracy(models, test_split):
+    _, clf = models
+    u, y = test_split
+    assert accuracy(clf, u, y) >= MIN_CLEAN_ACC
+
+
+def test_shipped_score_model_denoises(models, test_split):
+    score, _ = models
+    u, _ = test_split
+    losses = eval_dsm(score.eps_model, 2 * u - 1)
+    for k, bound in MAX_SCORE_LOSS.items():
+        assert losses[k] < bound, (k, losses[k])
+    # the trivial predictor eps_hat = 0 scores 1.0 per dimension
+    assert losses["mix"] < 0.5
+
+
+def test_score_model_api(models, test_split):
+    score, _ = models
+    x = 2 * test_split[0][:4] - 1
+    t = torch.tensor([0.01, 0.05, 0.1, 0.2])
+    with torch.no_grad():
+        s = score(x, t)
+        s_scalar = score(x, 0.1)
+        eps = score.eps_model(x, 999 * t)
+    assert s.shape == x.shape
+    torch.testing.assert_close(s, -eps / vp_sigma(t).view(-1, 1, 1, 1))
+    torch.testing.assert_close(s_scalar[2], s[2])
+    assert not any(p.requires_grad for p in score.parameters())
+
+
+def test_retraining_lowers_the_loss():
+    torch.manual_seed(0)
+    u, y = load_digits("train")
+    x0 = 2 * u[:256] - 1
+    net = DigitsEpsNet()
+    before = eval_dsm(net, x0)["mix"]
+    ema, losses = train_score(net, x0, steps=40, batch=64, seed=0, progress=False)
+    after = eval_dsm(net, x0)["mix"]
+    assert after < 0.8 * before and sum(losses[-5:]) < sum(losses[:5])
+    clf = DigitsClassifier()
+    ce = train_classifier(clf, u[:256], y[:256], steps=30, batch=64, progress=False)
+    assert sum(ce[-5:]) < sum(ce[:5])
+
+
+def test_train_cli_writes_loadable_weights(tmp_path):
+    main(["digits", "--out", str(tmp_path), "--steps", "3", "--clf-steps", "3", "--seed", "1"])
+    with open(tmp_path / META_FILE) as f:
+        meta = json.load(f)
+    assert meta["training"]["score"]["steps"] == 3 and "score_test_loss" in meta["metrics"]
+    score, clf = load_digits_models(weights_dir=str(tmp_path))
+    x = torch.rand(2, 1, 8, 8)
+    assert clf(x).shape == (2, 10) and score(2 * x - 1, 0.05).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_purified_accuracy(models, test_split, lam):
+    purify = pytest.importorskip("coup_fast").purify
+    score, clf = models
+    u, y = test_split
+    out = purify(u, score, clf, t_star=0.1, lam=lam, generator=torch.Generator().manual_seed(0))
+    assert out.shape == u.shape and 0.0 <= out.min() and out.max() <= 1.0
+    acc = accuracy(clf, out, y)
+    print(f"purified accuracy lam={lam}: {acc:.4f}")
+    assert acc >= MIN_PURIFIED_ACC[lam]
