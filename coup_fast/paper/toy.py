@@ -1,0 +1,356 @@
+"""The 2-Gaussian label-flip study (Sec. 5.3.2, Fig. 3b of arXiv 2408.05900) and Proposition 2.
+
+Data: p_0 = 1/2 N(-0.5, 1) (y = 0) + 1/2 N(0.5, 1) (y = 1) in the diffusion state x itself
+(1-D, states (B, 1)).  Purification starts at x = 0.2 at t* = 0.1 and runs the engine's
+guided reverse VP-SDE (`coup_fast.purify.solve`, Euler-Maruyama, dt = 1e-3) down to t = 0 with
+the exact diffused score (`GaussianMixture`) and the paper's noisy classifier
+
+    q(x) = p(y=1 | x) = p1(x) / (p0(x) + p1(x) + c n(x)),   n(x) = sin(100 x) / 100,
+    p(y=0 | x) = 1 - q(x)   (binary: the two probabilities sum to one; the symmetric choice
+                             p0 / (p0 + p1 + c n) would not, for c > 0).
+
+For large c the denominator can reach 0 or turn negative, so q may leave (0, 1); q is clamped
+into [tiny, 1 - tiny], tiny = max(TINY, dtype epsilon) (the guidance is then zero where the clamp
+is active), and the logits (0, log q - log(1 - q)) are always finite.  The classifier's input
+gradient is closed-form (`_ToyLogit`, tested against autograd); the score is `GaussianMixture`'s
+in closed form (`ToyMixtureScore`, tested equal).  States are float32 by default (float64 on request).
+The flip probability is P(x_0 < 0) over the paths.
+All grid points share one noise tensor (common random numbers): differences between cells are
+then mostly the effect of (c, lam), not of the draw.  With lam = 0 the classifier is unused, so
+the lam = 0 column is one solve shared by every c.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+from ..analytic import GaussianMixture
+from ..purify import Noise, Setting, solve
+from ..sde import ReverseGrid, vp_alpha, vp_gamma, vp_sigma
+
+MEANS = (-0.5, 0.5)
+STD = 1.0
+X_START = 0.2
+T_STAR = 0.1
+DT = 1e-3
+C_GRID = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+LAM_GRID = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+N_PATHS = 100_000
+TINY = 1e-12  # clamp of q(x) into [TINY, 1 - TINY]
+NOISE_FREQ = 100.0  # n(x) = sin(NOISE_FREQ x) / NOISE_FREQ
+
+
+class ToyMixtureScore(GaussianMixture):
+    """The exact diffused score of p_0, as `GaussianMixture` computes it, in closed form.
+
+    For two components N(±m, s^2) of equal weight the responsibilities reduce to a tanh:
+    v = alpha^2 s^2 + sigma^2,  score(x, t) = -(x - alpha m tanh(alpha m x / v)) / v.
+    Same numbers as `GaussianMixture.forward` (tested), a few elementwise ops instead of ~30:
+    the study runs 31 solves of 100 steps on 100,000 paths on a shared CPU.
+    """
+
+    def __init__(self):
+        super().__init__(torch.tensor(MEANS, dtype=torch.float64)[:, None], [STD, STD])
+        if MEANS[0] != -MEANS[1]:
+            raise ValueError(f"ToyMixtureScore needs symmetric means, got {MEANS}")
+
+    def forward(self, x, t):
+        if torch.is_tensor(t) and t.numel() > 1 and bool((t == t.reshape(-1)[0]).all()):
+            t = t.reshape(-1)[0]  # the solve passes one time per row; here they are all equal
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.reshape(-1, *([1] * (x.ndim - 1))) if t.numel() > 1 else t
+        alpha, sigma = vp_alpha(t), vp_sigma(t)
+        v = alpha**2 * STD**2 + sigma**2
+        am = alpha * MEANS[1]
+        return (am * torch.tanh(am * x / v) - x) / v
+
+
+def toy_mixture() -> GaussianMixture:
+    """The data p_0: uniform mixture of N(-0.5, 1) and N(0.5, 1); exact VP-diffused score."""
+    return ToyMixtureScore()
+
+
+def _normal_pdf(x, mu, std=STD):
+    return torch.exp(-0.5 * ((x - mu) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+
+
+class _ToyLogit(torch.autograd.Function):
+    """L(x) = log q - log(1 - q) with q = clamp(1 / (1 + r), tiny, 1 - tiny), r = p0/p1 + c n/p1, and
+    dL/dx = -r'/r in closed form (0 where the clamp is active).  The solve differentiates the
+    classifier 3 million times per cell; a hand-written backward is one multiply instead of ~30 ops.
+    First derivative only (the toy study runs no adjoint).
+    """
+
+    @staticmethod
+    def forward(ctx, x, c: float, tiny: float):
+        m, var = MEANS[1], STD**2
+        ratio = torch.exp(-2.0 * m * x / var)  # p0 / p1
+        r, dr = ratio, (-2.0 * m / var) * ratio
+        if c != 0.0:
+            # 1/p1; the exponent is capped so that far-out states give a huge finite value, not inf * 0
+            inv_p1 = STD * math.sqrt(2 * math.pi) * torch.exp((0.5 * (x - m) ** 2 / var).clamp(max=60.0))
+            sin, cos = torch.sin(NOISE_FREQ * x), torch.cos(NOISE_FREQ * x)
+            r = r + (c / NOISE_FREQ) * sin * inv_p1
+            dr = dr + c * inv_p1 * (cos + sin * (x - m) / (NOISE_FREQ * var))
+        q_raw = 1.0 / (1.0 + r)
+        q = q_raw.clamp(tiny, 1.0 - tiny)
+        inside = (q_raw > tiny) & (q_raw < 1.0 - tiny)  # here r > 0
+        ctx.save_for_backward(torch.where(inside, -dr / r, torch.zeros_like(r)))
+        return torch.log(q) - torch.log1p(-q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (dlogit,) = ctx.saved_tensors
+        return grad * dlogit, None, None
+
+
+class NoisyToyClassifier(nn.Module):
+    """The paper's noisy 2-class classifier on [0, 1] images u of 1-D states x = 2u - 1.
+
+    q(x) = p(y=1|x) = clamp(p1/(p0 + p1 + c n), tiny, 1 - tiny), tiny = max(TINY, machine epsilon of
+    the dtype); p(y=0|x) = 1 - q.  u: (B, 1) -> logits (B, 2) = (0, log q - log(1 - q)), so
+    softmax(logits) = (1 - q, q) exactly.  p_i are the class densities of the clean data.
+    """
+
+    def __init__(self, c: float, tiny: float = TINY):
+        super().__init__()
+        self.c, self.tiny = float(c), float(tiny)
+
+    def prob1(self, x: torch.Tensor) -> torch.Tensor:
+        """q(x) for states x (any shape): the paper's quotient, clamped into [tiny, 1 - tiny]."""
+        p0, p1 = _normal_pdf(x, MEANS[0]), _normal_pdf(x, MEANS[1])
+        noise = torch.sin(NOISE_FREQ * x) / NOISE_FREQ
+        tiny = max(self.tiny, torch.finfo(x.dtype).eps)
+        return (p1 / (p0 + p1 + self.c * noise)).clamp(tiny, 1.0 - tiny)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x = (2.0 * u - 1.0).reshape(u.shape[0])
+        # q = 1 / (1 + p0/p1 + c n/p1): the same quotient as prob1, with a closed-form derivative
+        logit = _ToyLogit.apply(x, self.c, max(self.tiny, torch.finfo(x.dtype).eps))
+        # (2, B) storage viewed as (B, 2): the softmax reductions over the class dim then run
+        # as elementwise ops over two long rows, ~2x faster on CPU than over B pairs
+        return torch.stack([torch.zeros_like(logit), logit], dim=0).t()
+
+
+def exact_flip_probability(x_t: float = X_START, t: float = T_STAR) -> float:
+    """P(x_0 < 0 | x_t) under the forward VP process, closed form (Bayes, per component).
+
+    p(x_0 | x_t) ∝ p_0(x_0) N(x_t; alpha x_0, sigma^2): each Gaussian component k gives a Gaussian
+    posterior N(m_k, v_k) with weight ∝ N(x_t; alpha mu_k, alpha^2 s^2 + sigma^2).  With lam = 0 and
+    the exact score the reverse SDE keeps the forward marginals, so this is its flip probability.
+    """
+    alpha, sigma2 = vp_alpha(t), vp_sigma(t) ** 2
+    logw, probs = [], []
+    for mu in MEANS:
+        var_k = alpha**2 * STD**2 + sigma2
+        logw.append(-0.5 * (x_t - alpha * mu) ** 2 / var_k - 0.5 * math.log(var_k))
+        v = 1.0 / (1.0 / STD**2 + alpha**2 / sigma2)
+        m = v * (mu / STD**2 + alpha * x_t / sigma2)
+        probs.append(0.5 * math.erfc(m / math.sqrt(2 * v)))  # Phi(-m / sqrt(v))
+    top = max(logw)
+    w = [math.exp(lw - top) for lw in logw]
+    return sum(wi * pi for wi, pi in zip(w, probs)) / sum(w)
+
+
+def quadrature_flip_probability(x_t: float = X_START, t: float = T_STAR, n: int = 200_001) -> float:
+    """The same posterior probability by trapezoidal quadrature of p_0(x_0) N(x_t; alpha x_0, sigma^2)."""
+    alpha, sigma = vp_alpha(t), vp_sigma(t)
+    x0 = torch.linspace(-12.0, 12.0, n, dtype=torch.float64)
+    prior = 0.5 * (_normal_pdf(x0, MEANS[0]) + _normal_pdf(x0, MEANS[1]))
+    post = prior * _normal_pdf(torch.tensor(x_t, dtype=torch.float64), alpha * x0, sigma)
+    mid = (n - 1) // 2  # x0[mid] = 0: integrate the negative half on its own grid
+    return float(torch.trapezoid(post[: mid + 1], x0[: mid + 1]) / torch.trapezoid(post, x0))
+
+
+class _PathRecorder(nn.Module):
+    """Wraps the score model; with the solve's callback it keeps per-path sup ||x||, ||s|| and ||lam g||.
+
+    lam g is recovered from the step actually taken (x_{k+1} - x_k - beta h (x_k/2 + s) - sqrt(beta h) z_k
+    = beta h lam g), so it is the guidance the engine applied, not a re-derivation.
+    """
+
+    def __init__(self, score_model, grid: ReverseGrid, noise: torch.Tensor):
+        super().__init__()
+        self.score_model, self.grid, self.noise = score_model, grid, noise
+        self.x_k = self.s_k = None
+        self.sup_x = self.sup_s = self.sup_g = None
+
+    def forward(self, x, t):
+        s = self.score_model(x, t)
+        self.x_k, self.s_k = x, s
+        if self.sup_x is None:
+            self.sup_x = x.norm(dim=1)
+            self.sup_s = s.norm(dim=1)
+            self.sup_g = torch.zeros_like(self.sup_x)
+        else:
+            self.sup_x = torch.maximum(self.sup_x, x.norm(dim=1))
+            self.sup_s = torch.maximum(self.sup_s, s.norm(dim=1))
+        return s
+
+    def callback(self, info):
+        k, x_next = info["k"], info["x"]
+        bdt = self.grid.beta_dt(k)
+        lam_g = (x_next - self.x_k - bdt * (0.5 * self.x_k + self.s_k) - math.sqrt(bdt) * self.noise[k]) / bdt
+        self.sup_g = torch.maximum(self.sup_g, lam_g.norm(dim=1))
+        self.sup_x = torch.maximum(self.sup_x, x_next.norm(dim=1))
+
+
+def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_START, t_star: float = T_STAR,
+             dt: float = DT) -> dict:
+    """Run `noise.shape[1]` toy paths through `coup_fast.purify.solve`; noise (N, B, 1) standard normals
+    (their dtype is the states' dtype).
+
+    Returns x_final (B,) and per-path sups of |x|, |s| and |lam g| along the path.
+    """
+    grid = ReverseGrid.from_dt(t_star, dt)
+    if noise.shape[0] != grid.n_steps:
+        raise ValueError(f"noise: expected {grid.n_steps} steps in dim 0, got shape {tuple(noise.shape)}")
+    setting = Setting(grid, float(lam), "coup")
+    x = torch.full((noise.shape[1], 1), x_start, dtype=noise.dtype)
+    recorder = _PathRecorder(toy_mixture(), grid, noise)
+    source = Noise(x, setting, noise=noise)
+    with torch.no_grad():
+        out = solve(x, recorder, NoisyToyClassifier(c), setting, source, callback=recorder.callback)
+    # lam = 0 applies no guidance; the recovered residual would be pure float round-off (~1e-3 in float32)
+    sup_g = recorder.sup_g if lam != 0 else torch.zeros_like(recorder.sup_g)
+    return {"x_final": out[:, 0], "sup_x": recorder.sup_x, "sup_s": recorder.sup_s, "sup_g": sup_g}
+
+
+def prop2_bound(t_star: float, c_s, c_p, c_x, eps_norm):
+    """Right side of Eq. 8: gamma (C_s + C_p) + (e^gamma - 1) C_x + sqrt(e^{2 gamma} - 1) ||eps||."""
+    g = vp_gamma(t_star)
+    return g * (c_s + c_p) + math.expm1(g) * c_x + math.sqrt(math.expm1(2 * g)) * eps_norm
+
+
+def wiener_eps(noise: torch.Tensor, grid: ReverseGrid) -> torch.Tensor:
+    """The standardised reverse Wiener increment of each path: sum_k sqrt(beta_k h) z_k / sqrt(sum_k beta_k h).
+
+    A standard normal per path: the `epsilon` of Eq. 8 for the discretised path.  noise (N, B, D) -> (B, D).
+    """
+    w = torch.tensor([math.sqrt(grid.beta_dt(k)) for k in range(grid.n_steps)], dtype=noise.dtype)
+    total = (w[:, None, None] * noise).sum(0)
+    return total / math.sqrt(float((w**2).sum()))
+
+
+def prop2_check(result: dict, noise: torch.Tensor, *, x_start=X_START, t_star=T_STAR, dt=DT) -> dict:
+    """Proposition 2 on the simulated paths: ||r(x) - x|| <= Eq. 8 with measured sup bounds.
+
+    C_s = 2 sup ||s||, C_p = 2 sup ||lam grad log max_y p|| (the guidance drift actually applied;
+    the paper writes ||grad p|| <= C_p / 2 for this term), C_x = sup ||x||, sups over all paths
+    and steps ("global"), and, tighter, over each path alone ("per path").
+    """
+    grid = ReverseGrid.from_dt(t_star, dt)
+    eps = wiener_eps(noise, grid).norm(dim=1)
+    lhs = (result["x_final"] - x_start).abs()
+    sups = {"C_s": 2 * result["sup_s"], "C_p": 2 * result["sup_g"], "C_x": result["sup_x"]}
+    glob = {k: float(v.max()) for k, v in sups.items()}
+    bound_global = prop2_bound(t_star, glob["C_s"], glob["C_p"], glob["C_x"], eps)
+    bound_path = prop2_bound(t_star, sups["C_s"], sups["C_p"], sups["C_x"], eps)
+    return {
+        **glob,
+        "gamma": vp_gamma(t_star),
+        "frac_global": float((lhs <= bound_global).double().mean()),
+        "frac_per_path": float((lhs <= bound_path).double().mean()),
+        "max_ratio_per_path": float((lhs / bound_path).max()),
+    }
+
+
+def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_grid=C_GRID, lam_grid=LAM_GRID,
+            seed: int = 0, x_start: float = X_START, t_star: float = T_STAR, dt: float = DT,
+            dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+    """Flip probability P(x_0 < 0) ± Monte-Carlo SE on the c × lam grid, plus the Prop. 2 check.
+
+    Writes toy.csv, toy.json and toy.png (Fig. 3b: flip probability vs lam, one line per c) under
+    out_dir (skipped when out_dir is None).  Returns the JSON dict.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    grid = ReverseGrid.from_dt(t_star, dt)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(grid.n_steps, n_paths, 1, generator=gen, dtype=torch.float64).to(dtype)
+    rows, cache = [], {}
+    cells = [(c, lam) for c in c_grid for lam in lam_grid]
+    for c, lam in tqdm(cells, desc="toy (c, lam)", disable=not progress):
+        key = ("any", 0.0) if lam == 0 else (c, lam)  # lam = 0 never calls the classifier
+        if key not in cache:
+            res = simulate(c, lam, noise, x_start=x_start, t_star=t_star, dt=dt)
+            cache[key] = (res, prop2_check(res, noise, x_start=x_start, t_star=t_star, dt=dt))
+        res, p2 = cache[key]
+        flip = float((res["x_final"] < 0).double().mean())
+        rows.append({"c": c, "lam": lam, "flip_prob": flip, "se": math.sqrt(flip * (1 - flip) / n_paths),
+                     "prop2_frac_global": p2["frac_global"], "prop2_frac_per_path": p2["frac_per_path"],
+                     "C_s": p2["C_s"], "C_p": p2["C_p"], "C_x": p2["C_x"],
+                     # paths thrown far out by the noisy classifier's large gradients (poles of q for big c)
+                     "frac_abs_x0_gt_3": float((res["x_final"].abs() > 3).double().mean())})
+    result = {
+        "setup": {"means": MEANS, "std": STD, "x_start": x_start, "t_star": t_star, "dt": dt, "n_steps": grid.n_steps,
+                  "n_paths": n_paths, "seed": seed, "dtype": str(dtype).replace("torch.", ""), "tiny": TINY,
+                  "classifier": "q = clamp(p1/(p0+p1+c sin(100x)/100)), p(y=0|x) = 1 - q"},
+        "exact_flip_lam0_c0": exact_flip_probability(x_start, t_star),
+        "quadrature_flip_lam0_c0": quadrature_flip_probability(x_start, t_star),
+        "rows": rows,
+        "prop2": {"gamma": vp_gamma(t_star),
+                  "min_frac_global": min(r["prop2_frac_global"] for r in rows),
+                  "min_frac_per_path": min(r["prop2_frac_per_path"] for r in rows),
+                  "max_ratio_per_path": max(p2["max_ratio_per_path"] for _, p2 in cache.values())},
+        "seconds": time.perf_counter() - start,
+    }
+    if out_dir is not None:
+        write_toy(result, out_dir)
+    return result
+
+
+def toy_table(result: dict) -> str:
+    """Markdown table c × lam with 'flip ± SE'."""
+    rows = result["rows"]
+    cs = sorted({r["c"] for r in rows})
+    lams = sorted({r["lam"] for r in rows})
+    cell = {(r["c"], r["lam"]): r for r in rows}
+    lines = ["| c \\ lam | " + " | ".join(f"{lam:g}" for lam in lams) + " |", "|---" * (len(lams) + 1) + "|"]
+    for c in cs:
+        vals = [f"{cell[c, lam]['flip_prob']:.4f} ± {cell[c, lam]['se']:.4f}" for lam in lams]
+        lines.append(f"| {c:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_toy(result: dict, out_dir: str) -> dict:
+    """toy.csv (one row per cell), toy.json (everything), toy.png (Fig. 3b); returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"toy.{k}") for k in ("csv", "json", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    plot_toy(result, paths["png"])
+    return paths
+
+
+def plot_toy(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for c in sorted({r["c"] for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if r["c"] == c), key=lambda r: r["lam"])
+        ax.errorbar([r["lam"] for r in rows], [r["flip_prob"] for r in rows], yerr=[2 * r["se"] for r in rows],
+                    marker="o", ms=3, capsize=2, label=f"c = {c:g}")
+    ax.axhline(result["exact_flip_lam0_c0"], color="k", ls=":", lw=1, label="exact, lam = 0")
+    ax.set_xlabel("guidance weight lam")
+    ax.set_ylabel("label flip probability P(x_0 < 0)")
+    ax.set_title(f"2-Gaussian toy, x(t*={result['setup']['t_star']:g}) = {result['setup']['x_start']:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

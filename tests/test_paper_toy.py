@@ -1,0 +1,120 @@
+"""coup_fast.paper.toy: the 2-Gaussian label-flip study (Sec. 5.3.2) and Proposition 2."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coup_fast.analytic import GaussianMixture
+from coup_fast.guidance import confidence_grad
+from coup_fast.paper import toy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fast_score_is_the_gaussian_mixture_score():
+    gmm = GaussianMixture(torch.tensor(toy.MEANS, dtype=torch.float64)[:, None], [toy.STD, toy.STD])
+    x = 3 * torch.randn(500, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in (1e-3, 0.05, 0.1, 0.7, torch.linspace(1e-3, 0.1, 500, dtype=torch.float64)):
+        torch.testing.assert_close(toy.toy_mixture()(x, t), gmm(x, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.0, 1.0, 10.0])
+def test_classifier_is_the_papers_formula(c):
+    x = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64)
+    p0 = torch.exp(-0.5 * (x + 0.5) ** 2) / math.sqrt(2 * math.pi)
+    p1 = torch.exp(-0.5 * (x - 0.5) ** 2) / math.sqrt(2 * math.pi)
+    q = (p1 / (p0 + p1 + c * torch.sin(100 * x) / 100)).clamp(toy.TINY, 1 - toy.TINY)
+    clf = toy.NoisyToyClassifier(c)
+    torch.testing.assert_close(clf.prob1(x), q, rtol=1e-10, atol=1e-14)
+    probs = torch.softmax(clf(((x + 1) / 2)[:, None]), dim=1)
+    torch.testing.assert_close(probs[:, 1], q, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(probs.sum(1), torch.ones_like(x))
+
+
+def test_classifier_clamps_out_of_range_probabilities():
+    """With c = 10 the denominator changes sign far from the modes: q stays in [tiny, 1 - tiny], grads finite."""
+    clf = toy.NoisyToyClassifier(10.0)
+    x = torch.linspace(-6, 6, 20001, dtype=torch.float64)
+    raw_den = toy._normal_pdf(x, -0.5) + toy._normal_pdf(x, 0.5) + 10 * torch.sin(100 * x) / 100
+    assert (raw_den < 0).any()  # the case the clamp is for
+    q = clf.prob1(x)
+    assert float(q.min()) >= toy.TINY and float(q.max()) <= 1 - toy.TINY
+    g = confidence_grad(clf, x[:, None])
+    assert torch.isfinite(clf(((x + 1) / 2)[:, None])).all() and torch.isfinite(g).all()
+    q32 = clf.prob1(x.float())  # float32: tiny becomes the dtype's eps, log1p(-q) stays finite
+    assert torch.isfinite(clf(((x.float() + 1) / 2)[:, None])).all() and float(q32.max()) < 1
+
+
+def test_exact_flip_probability_matches_quadrature():
+    assert toy.exact_flip_probability() == pytest.approx(toy.quadrature_flip_probability(), abs=1e-7)
+    assert toy.exact_flip_probability(0.0) == pytest.approx(0.5, abs=1e-12)  # symmetry
+
+
+def test_unguided_flip_probability_matches_the_posterior():
+    """lam = 0, exact score: the reverse SDE keeps the forward marginals -> P(x_0 < 0 | x_t* = 0.2)."""
+    n = 40_000
+    noise = torch.randn(toy.ReverseGrid.from_dt(toy.T_STAR, toy.DT).n_steps, n, 1,
+                        generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = toy.simulate(0.0, 0.0, noise)
+    flip = float((res["x_final"] < 0).double().mean())
+    exact = toy.exact_flip_probability()
+    se = math.sqrt(exact * (1 - exact) / n)
+    assert abs(flip - exact) < 4 * se + 2e-3, (flip, exact, se)  # 2e-3: Euler bias allowance at dt = 1e-3
+
+
+def test_flip_probability_decreases_with_lam_and_outputs(tmp_path):
+    r = toy.run_toy(str(tmp_path), n_paths=4000, c_grid=(0.0, 5.0), lam_grid=(0.0, 1.0, 5.0), dt=2e-3,
+                    progress=False)
+    flips = {(row["c"], row["lam"]): row["flip_prob"] for row in r["rows"]}
+    assert flips[0.0, 0.0] > flips[0.0, 1.0] > flips[0.0, 5.0]
+    assert flips[0.0, 0.0] == flips[5.0, 0.0]  # lam = 0 ignores the classifier (shared solve)
+    assert r["prop2"]["min_frac_global"] == 1.0 and r["prop2"]["min_frac_per_path"] == 1.0
+    for ext in ("csv", "json"):
+        assert (tmp_path / f"toy.{ext}").stat().st_size > 0
+    png = tmp_path / "toy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert "| 5 |" in toy.toy_table(r)
+
+
+def test_paths_run_through_the_engine(monkeypatch):
+    """The study calls coup_fast.purify.solve, not a private copy of the update."""
+    import coup_fast.paper.toy as module
+
+    calls = []
+    real = module.solve
+    monkeypatch.setattr(module, "solve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    noise = torch.randn(5, 10, 1, dtype=torch.float64)
+    module.simulate(1.0, 1.0, noise, t_star=0.01, dt=2e-3)
+    assert calls == [1]
+
+
+def test_prop2_bound_formula():
+    g = toy.vp_gamma(0.1)
+    assert toy.prop2_bound(0.1, 1.0, 2.0, 3.0, 0.5) == pytest.approx(
+        3 * g + (math.exp(g) - 1) * 3 + math.sqrt(math.exp(2 * g) - 1) * 0.5)
+
+
+@pytest.mark.parametrize("c", [0.0, 2.0, 10.0])
+def test_closed_form_guidance_matches_autograd(c):
+    """The hand-written backward equals autograd through the paper's formula, clamp included."""
+    clf = toy.NoisyToyClassifier(c)
+    x = torch.linspace(-4, 4, 4001, dtype=torch.float64)[:, None]
+
+    class Plain(torch.nn.Module):
+        def forward(self, u):
+            q = clf.prob1((2 * u - 1)[:, 0])
+            return torch.stack([torch.log1p(-q), torch.log(q)], 1)
+
+    torch.testing.assert_close(confidence_grad(clf, x), confidence_grad(Plain(), x), rtol=1e-8, atol=1e-10)
