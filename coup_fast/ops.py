@@ -20,14 +20,24 @@ def _triton_ok() -> bool:
     return available()
 
 
+_BACKENDS: dict[str, str] = {}  # device type -> backend; the ops ask once per step, the answer never changes
+
+
 def backend(device: torch.device | str) -> str:
     """'triton', 'cuda-ext', 'cpp' or 'torch': who runs the elementwise ops on `device`."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    which = _BACKENDS.get(kind)
+    if which is None:
+        which = _BACKENDS[kind] = _choose_backend(kind)
+    return which
+
+
+def _choose_backend(kind: str) -> str:
+    if kind == "cuda":
         if _triton_ok():
             return "triton"
         return "cuda-ext" if _ops.load_extension() and _ops.extension_status()["cuda"] else "torch"
-    if device.type == "cpu" and _ops.load_extension():
+    if kind == "cpu" and _ops.load_extension():
         return "cpp"
     return "torch"
 
@@ -52,7 +62,11 @@ def backend_info() -> dict:
 def normal_noise(like: torch.Tensor, rng_row: torch.Tensor) -> torch.Tensor:
     """z for the step whose (seed, k) is in rng_row, shaped like `like`; replayable."""
     which = backend(like.device)
-    if which in ("cpp", "cuda-ext", "triton") and _ops.load_extension():
+    if which == "triton":
+        from .kernels.em_step import philox_normal as triton_philox_normal
+
+        return triton_philox_normal(like, rng_row)
+    if which in ("cpp", "cuda-ext"):
         return torch.ops.coup_fast.philox_normal(like, rng_row)
     seed, k = rng_row.tolist()
     return noise.philox_normal(seed, k, like.shape, dtype=like.dtype, device=like.device)
@@ -75,14 +89,19 @@ def em_step(x, score, guidance, rng_row, beta_dt: float, lam: float) -> torch.Te
 
 def adjoint_update(a, vjp, beta_dt: float) -> torch.Tensor:
     """Fused a + beta_dt (a/2 + vjp) (sde.adjoint_step)."""
-    if backend(a.device) in ("cpp", "cuda-ext", "triton") and _ops.load_extension():
+    which = backend(a.device)
+    if which == "triton":
+        from .kernels.adjoint_update import adjoint_update as triton_adjoint_update
+
+        return triton_adjoint_update(a, vjp, beta_dt)
+    if which in ("cpp", "cuda-ext"):
         return torch.ops.coup_fast.adjoint_update(a, vjp, beta_dt)
     return sde.adjoint_step(a, vjp, beta_dt)
 
 
 def log_confidence(logits: torch.Tensor) -> torch.Tensor:
     """log max_y softmax(logits): fused Triton op on CUDA, pure torch elsewhere."""
-    if logits.is_cuda and _triton_ok():
+    if logits.is_cuda and backend(logits.device) == "triton":
         from .kernels.confidence import log_max_softmax as triton_log_max_softmax
 
         return triton_log_max_softmax(logits)

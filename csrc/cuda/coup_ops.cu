@@ -1,9 +1,13 @@
 // CUDA twins of the ops in ../coup_ops.cpp (same schema, same maths from coup_math.h).
 // The seed and step are read from device memory (rng), never passed as kernel scalars, so a
 // captured CUDA graph draws fresh noise after a new seed is written into rng.
-#include <ATen/cuda/CUDAContext.h>
+// Only ATen core + c10/cuda headers (not torch/extension.h or ATen/cuda/CUDAContext.h, which pull in
+// cuBLAS/cuSPARSE headers): the file then compiles with a bare CUDA toolkit too (tests/test_cuda_compile.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../coup_math.h"
@@ -67,7 +71,7 @@ at::Tensor em_step_cuda(const at::Tensor& x, const at::Tensor& score, const std:
   const int64_t n = xc.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "em_step_cuda", [&] {
-    em_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    em_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), gc.defined() ? gc.data_ptr<scalar_t>() : nullptr,
         rc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n, static_cast<float>(beta_dt), static_cast<float>(lam));
   });
@@ -84,7 +88,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& x, const at::Tensor& rng) {
   const int64_t n = out.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "philox_normal_cuda", [&] {
-    philox_normal_kernel<scalar_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    philox_normal_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         rc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -101,7 +105,7 @@ at::Tensor adjoint_update_cuda(const at::Tensor& a, const at::Tensor& vjp, doubl
   const int64_t n = ac.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adjoint_update_cuda", [&] {
-    adjoint_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    adjoint_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         ac.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, static_cast<float>(beta_dt));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,99 @@
+"""One timing harness for the benchmarks: reference and fast provider side by side, device named.
+
+Peak memory is measured in a fresh child process per case: the growth of the process's peak
+resident set size (getrusage ru_maxrss) over one call of the measured function, after the
+models and inputs exist.  That counts everything the call makes resident (tensors, autograd
+graphs, allocator and glibc caches), at page granularity; it is what a user's process pays.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def device_name(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, torch threads {torch.get_num_threads()}"
+
+
+def sync(device: str = "cpu"):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
+    """Fastest wall time of fn() in seconds (the minimum: on a shared machine, the least disturbed run)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_round_robin(fns: dict, *, repeats: int = 2, device: str = "cpu") -> dict:
+    """Fastest wall time (s) of each fn, calling them interleaved: one warm-up round, then `repeats` rounds."""
+    best = {name: float("inf") for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:  # round 0 warms up
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_growth(fn) -> int:
+    """Bytes by which one call of fn() raises this process's peak RSS (run first, in a fresh process)."""
+    before = maxrss_bytes()
+    fn()
+    return maxrss_bytes() - before
+
+
+def run_child(module: str, case: dict, timeout: float = 1200) -> dict:
+    """Run `python -m module --case JSON` and return the JSON it prints last."""
+    proc = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain-text table; columns are (key, header)."""
+    cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

@@ -1,0 +1,184 @@
+"""COUP on the CPU: coup_fast vs torchsde, side by side, with peak memory.
+
+    python -m benchmarks.bench_cpu_purify [--quick] [--threads 1]
+
+Models: the digits score net (1x8x8, ~0.1M params) and classifier (coup_fast.models); random
+weights of the same architecture when the trained weights are absent (speed does not depend on
+them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
+
+* purification, images/s: `purify` (no grad) vs torchsde `sdeint` (Euler, BrownianInterval).
+* image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint) vs DiffPure-style
+  `sdeint_adjoint` (score-net parameters trainable, hence adjoint parameters: adjoint_params=None)
+  and a tuned `sdeint_adjoint` (adjoint_params=()).
+* peak memory: growth of a fresh child process's peak RSS over one call, after a one-step call at
+  B = 1 has done the libraries' one-time set-up (see _harness.py),
+  and a table over N for the exact gradient against plain autograd through the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks import _harness as H
+
+METHODS = ("fast", "torchsde", "exact", "diffpure-adjoint", "tuned-adjoint", "unrolled")
+LAM = 1.0
+
+
+def _models(kind: str = "digits"):
+    if kind == "analytic":  # closed-form score and classifier: what is left is the engine's own per-step cost
+        from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
+
+        g = torch.Generator().manual_seed(0)
+        gmm = GaussianMixture(0.5 * torch.randn(3, 64, generator=g, dtype=torch.float64), [0.3, 0.4, 0.5])
+        clf = LinearSoftmaxClassifier(torch.randn(10, 64, generator=g, dtype=torch.float64))
+        return gmm.float(), clf.float(), "analytic (Gaussian mixture score, linear-softmax classifier), d = 64"
+    from coup_fast.models import digits
+
+    try:
+        score, clf = digits.load_digits_models()
+        source = "trained digits weights"
+    except (FileNotFoundError, ImportError, OSError):
+        from coup_fast.score import score_sde_continuous
+
+        torch.manual_seed(0)
+        score, clf = score_sde_continuous(digits.DigitsEpsNet()).eval(), digits.DigitsClassifier().eval()
+        source = "random weights, digits architecture"
+    for p in list(score.parameters()) + list(clf.parameters()):
+        p.requires_grad_(False)
+    return score, clf, source
+
+
+def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
+    """(setup description, fn) for one measured call."""
+    from coup_fast import purify
+    from coup_fast.purify import validate
+    from coup_fast.reference import brownian_interval, purify_unrolled, solve_torchsde
+
+    score, clf, source = _models(models)
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, 64) if models == "analytic" else (batch, 1, 8, 8)
+    x, w = torch.rand(shape, generator=g), torch.randn(shape, generator=g)
+    kw = dict(t_star=t_star, lam=LAM, mode="coup")
+    setting = validate(x, score, clf, dt=1e-3, gradient="exact", noise=None, **kw)
+
+    def torchsde_run(adjoint, adjoint_params=None):
+        state = (2 * x - 1).requires_grad_(adjoint)
+        out = solve_torchsde(state, score, clf, setting, bm=brownian_interval(state, t_star), adjoint=adjoint,
+                             adjoint_params=adjoint_params)
+        return torch.autograd.grad(out, state, w)[0] if adjoint else out
+
+    if method == "fast":
+        def fn():
+            with torch.no_grad():
+                return purify(x, score, clf, **kw)
+    elif method == "torchsde":
+        def fn():
+            with torch.no_grad():
+                return torchsde_run(False)
+    elif method in ("exact", "unrolled"):
+        run = purify if method == "exact" else purify_unrolled
+
+        def fn():
+            xr = x.clone().requires_grad_(True)
+            return torch.autograd.grad(run(xr, score, clf, **kw), xr, w)[0]
+    elif method == "diffpure-adjoint":
+        for p in score.parameters():  # DiffPure's score net is an nn.Module with trainable weights
+            p.requires_grad_(True)
+
+        def fn():
+            return torchsde_run(True)
+    elif method == "tuned-adjoint":
+        def fn():
+            return torchsde_run(True, adjoint_params=())
+    else:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return source, fn
+
+
+def run_case(case: dict) -> dict:
+    """Peak memory of one method (case['method']), or round-robin timings of several (case['methods'])."""
+    torch.set_num_threads(case["threads"])
+    models = case.get("models", "digits")
+    if "method" in case:
+        _case_fn(case["method"], 1, 1e-3, models)[1]()  # one step at B = 1: one-time library set-up, not counted
+        source, fn = _case_fn(case["method"], case["batch"], case["t_star"], models)
+        return {"peak_mib": H.peak_growth(fn) / 2**20, "source": source}
+    # Timing: all methods in one process, interleaved A B C A B C ..., fastest run each: on a
+    # shared machine the load drifts over minutes, and interleaving exposes every method to it alike.
+    fns = {m: _case_fn(m, case["batch"], case["t_star"], models) for m in case["methods"]}
+    seconds = H.time_round_robin({m: fn for m, (_, fn) in fns.items()}, repeats=case["repeats"])
+    return {"seconds": seconds, "source": next(iter(fns.values()))[0], "device": H.device_name("cpu")}
+
+
+def main(args):
+    base = {"threads": args.threads}
+    repeats = 1 if args.quick else 2
+    t_star = 0.02 if args.quick else 0.1
+    batches = [1, 8] if args.quick else [1, 64]
+    child = "benchmarks.bench_cpu_purify"
+
+    def timed(methods, batch, models="digits"):
+        case = {**base, "methods": methods, "batch": batch, "t_star": t_star, "repeats": repeats, "models": models}
+        return H.run_child(child, case)
+
+    def peak(method, batch, t, models="digits"):
+        case = {**base, "method": method, "batch": batch, "t_star": t, "models": models}
+        return H.run_child(child, case)["peak_mib"]
+
+    rows, info = [], None
+    methods = ("fast", "torchsde", "exact", "diffpure-adjoint", "tuned-adjoint")
+    for batch in batches:
+        info = timed(methods, batch)
+        sec = info["seconds"]
+        rows.append({
+            "batch": batch,
+            "pur_fast": batch / sec["fast"], "pur_torchsde": batch / sec["torchsde"],
+            "pur_x": sec["torchsde"] / sec["fast"],
+            "grad_exact": batch / sec["exact"], "grad_diffpure": batch / sec["diffpure-adjoint"],
+            "grad_tuned": batch / sec["tuned-adjoint"],
+            "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
+            **{f"mem_{m}": peak(m, batch, t_star) for m in methods},
+        })
+    print(f"device: {info['device']}; models: {info['source']}; t* = {t_star}, lam = {LAM}, mode coup")
+    print(f"\nthroughput (images/s, fastest of {repeats} interleaved runs; x = speed-up of coup_fast)")
+    print(H.table(rows, [("batch", "B"), ("pur_fast", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
+                         ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
+                         ("grad_tuned", "tuned adj"), ("x_tuned", "x")]))
+    print("\npeak RSS growth of one call (MiB)")
+    print(H.table(rows, [("batch", "B"), ("mem_fast", "purify"), ("mem_torchsde", "sdeint"),
+                         ("mem_exact", "exact grad"), ("mem_diffpure-adjoint", "DiffPure adj"),
+                         ("mem_tuned-adjoint", "tuned adj")]))
+
+    sec = timed(("fast", "torchsde", "exact", "tuned-adjoint"), 1, models="analytic")["seconds"]
+    print("\nengine overhead: B = 1 with closed-form models (networks cost ~0), d = 64; images/s")
+    print(H.table([{"pur_fast": 1 / sec["fast"], "pur_torchsde": 1 / sec["torchsde"],
+                    "pur_x": sec["torchsde"] / sec["fast"], "grad_exact": 1 / sec["exact"],
+                    "grad_tuned": 1 / sec["tuned-adjoint"], "x_tuned": sec["tuned-adjoint"] / sec["exact"]}],
+                  [("pur_fast", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"), ("grad_exact", "exact grad"),
+                   ("grad_tuned", "sdeint_adjoint"), ("x_tuned", "x")]))
+
+    batch = batches[-1]
+    mem_rows = []
+    for t in ([0.01, 0.02] if args.quick else [0.025, 0.05, 0.1, 0.2]):
+        n = round(t / 1e-3)
+        mem_rows.append({"t": t, "N": n, "traj": n * batch * 64 * 4 / 2**20, "exact": peak("exact", batch, t),
+                         "unrolled": peak("unrolled", batch, t)})
+    print(f"\npeak RSS growth of the exact gradient over N (B = {batch}, d = 64, float32; MiB)")
+    print("N.B.d = the kept trajectory x_0..x_{N-1}; the rest is one step's recomputed graph + allocator slack")
+    print(H.table(mem_rows, [("t", "t*"), ("N", "N"), ("traj", "N.B.d"), ("exact", "exact (adjoint)"),
+                             ("unrolled", "unrolled autograd")]))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: t* = 0.02, batches 1 and 8, one repeat")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measured process")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.case:
+        print(json.dumps(run_case(json.loads(ns.case))))
+    else:
+        main(ns)

@@ -1,0 +1,74 @@
+"""Micro-benchmarks of the fused ops against their pure-torch twins (pytest-benchmark).
+
+    pytest benchmarks/bench_ops.py --benchmark-group-by=param:size --benchmark-columns=median,ops
+
+Fast provider on the current device: the C++ ops on the CPU, the Triton kernels on a GPU
+(adjoint_update: the CUDA extension when built, else torch).  On a GPU, extra_info carries the
+effective bandwidth in GB/s (bytes each op must read and write / median time).
+"""
+import pytest
+import torch
+
+from coup_fast import guidance, noise, ops, sde
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = {"B1_cifar": (1, 3, 32, 32), "B64_cifar": (64, 3, 32, 32)}
+CLASSES = {"B64_C10": (64, 10), "B64_C1000": (64, 1000)}
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, fn, bytes_moved):
+    def call():
+        fn()
+        _sync()
+
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({ops.backend('cpu')})"
+    benchmark(call)
+    if DEVICE == "cuda" and benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
+
+
+def _em_twin(x, s, g, rng):
+    z = noise.philox_normal(*rng.tolist(), x.shape, dtype=x.dtype, device=x.device)
+    return sde.euler_maruyama_step(x, s, g, 0.02, 1.0, z)
+
+
+@pytest.mark.parametrize("provider", ["torch", "fast"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_em_step(benchmark, provider, size):
+    benchmark.group = f"em_step {size}"
+    x, s, g = (torch.randn(SIZES[size], device=DEVICE) for _ in range(3))
+    rng = torch.tensor([12345, 7], device=DEVICE)
+    fn = (lambda: _em_twin(x, s, g, rng)) if provider == "torch" else (lambda: ops.em_step(x, s, g, rng, 0.02, 1.0))
+    _run(benchmark, fn, 4 * x.numel() * 4)  # read x, s, g; write x_{k+1}
+
+
+@pytest.mark.parametrize("provider", ["torch", "fast"])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_adjoint_update(benchmark, provider, size):
+    benchmark.group = f"adjoint_update {size}"
+    a, v = (torch.randn(SIZES[size], device=DEVICE) for _ in range(2))
+    fn = (lambda: sde.adjoint_step(a, v, 0.02)) if provider == "torch" else (lambda: ops.adjoint_update(a, v, 0.02))
+    _run(benchmark, fn, 3 * a.numel() * 4)
+
+
+@pytest.mark.parametrize("provider", ["torch", "fast"])
+@pytest.mark.parametrize("size", list(CLASSES))
+def test_confidence_grad_and_hvp(benchmark, provider, size):
+    """Forward, gradient (create_graph) and one Hessian-vector product: the exact adjoint's use."""
+    if provider == "fast" and DEVICE != "cuda":
+        pytest.skip("the fused confidence op runs on CUDA (CPU uses the torch twin)")
+    benchmark.group = f"confidence {size}"
+    fn_conf = guidance.log_max_softmax if provider == "torch" else ops.log_confidence
+    logits = torch.randn(CLASSES[size], device=DEVICE, requires_grad=True)
+    w = torch.randn_like(logits)
+
+    def fn():
+        (grad,) = torch.autograd.grad(fn_conf(logits).sum(), logits, create_graph=True)
+        return torch.autograd.grad((grad * w).sum(), logits)
+
+    _run(benchmark, fn, 5 * logits.numel() * 4)

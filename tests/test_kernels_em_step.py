@@ -1,0 +1,192 @@
+"""coup_fast.kernels.em_step (fused step + in-kernel Philox) against sde.py / noise.py.
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors).
+The variable must be set before triton is imported and must not leak into other test
+modules, so a plain pytest run re-runs this file in a child process that sets it.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coup_fast import noise, sde
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRETED
+RUN_HERE = INTERPRETED or ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_under_interpreter)")
+SEED = 123456789012345
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from coup_fast.kernels import em_step
+
+    return em_step
+
+
+@pytest.mark.skipif(RUN_HERE, reason="already interpreted or on a GPU")
+def test_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def _rng(seed, k):
+    return torch.tensor([seed, k], dtype=torch.int64, device=DEVICE)
+
+
+@here
+@pytest.mark.parametrize("shape", [(3, 1, 7, 5), (2, 4100), (1,)])
+@pytest.mark.parametrize("k", [0, 7, 50_000_000])  # the last one puts counters past 2^32 (high word)
+def test_philox_normal_matches_recipe(shape, k):
+    z = _kernels().philox_normal(torch.empty(shape, device=DEVICE), _rng(SEED, k))
+    ref = noise.philox_normal(SEED, k, shape, dtype=torch.float64)
+    assert z.dtype == torch.float32 and z.shape == shape
+    torch.testing.assert_close(z.double().cpu(), ref, rtol=0, atol=5e-6)
+
+
+@here
+@pytest.mark.parametrize("with_guidance", [True, False])
+@pytest.mark.parametrize("shape", [(3, 1, 7, 5), (5, 13)])
+def test_em_step_forward(shape, with_guidance):
+    g = torch.Generator().manual_seed(0)
+    x, s, gd = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(3))
+    gd = gd if with_guidance else None
+    out = _kernels().em_step(x, s, gd, _rng(SEED, 3), 0.0213, 1.7)
+    z = noise.philox_normal(SEED, 3, shape, device=DEVICE)
+    ref = sde.euler_maruyama_step(x, s, gd, 0.0213, 1.7, z)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@here
+def test_em_step_half_precision_inputs():
+    """fp32 state, fp16 score/guidance (bf16 on a GPU): upcast on load, fp32 result."""
+    low = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter (numpy) has no bf16
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 33, generator=g).to(DEVICE)
+    s, gd = (torch.randn(4, 33, generator=g).to(DEVICE, low) for _ in range(2))
+    out = _kernels().em_step(x, s, gd, _rng(SEED, 0), 0.02, 0.5)
+    z = noise.philox_normal(SEED, 0, x.shape, device=DEVICE)
+    ref = sde.euler_maruyama_step(x, s.float(), gd.float(), 0.02, 0.5, z)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@here
+def test_noise_statistics_and_replay():
+    k_mod = _kernels()
+    like = torch.empty(1 << 16, device=DEVICE)
+    z0, z1 = k_mod.philox_normal(like, _rng(SEED, 0)), k_mod.philox_normal(like, _rng(SEED, 1))
+    n = like.numel()
+    assert abs(z0.mean().item()) < 5 / n**0.5 and abs(z0.var().item() - 1) < 0.03
+    corr = torch.corrcoef(torch.stack([z0, z1]))[0, 1].item()
+    assert abs(corr) < 5 / n**0.5  # steps k and k + 1 use disjoint counters: independent draws
+    torch.testing.assert_close(k_mod.philox_normal(like, _rng(SEED, 0)), z0, rtol=0, atol=0)
+    assert not torch.equal(k_mod.philox_normal(like, _rng(SEED + 1, 0)), z0)
+
+
+@here
+def test_seed_is_read_from_memory():
+    """Writing a new seed into the rng row changes the draw (what a captured CUDA graph relies on)."""
+    k_mod = _kernels()
+    x = torch.zeros(64, device=DEVICE)
+    s = torch.zeros_like(x)
+    rng = _rng(1, 0)
+    first = k_mod.em_step(x, s, None, rng, 0.04, 0.0)
+    rng[0] = 2
+    second = k_mod.em_step(x, s, None, rng, 0.04, 0.0)
+    torch.testing.assert_close(second, 0.2 * noise.philox_normal(2, 0, x.shape, device=DEVICE), rtol=0, atol=1e-6)
+    assert not torch.allclose(first, second)
+
+
+@here
+@pytest.mark.parametrize("with_guidance", [True, False])
+def test_em_step_gradients(with_guidance):
+    g = torch.Generator().manual_seed(2)
+    x, s, gd = (torch.randn(3, 11, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    gd_in = gd if with_guidance else None
+    upstream = torch.randn(3, 11, generator=g).to(DEVICE)
+    out = _kernels().em_step(x, s, gd_in, _rng(SEED, 5), 0.03, 2.0)
+    z = noise.philox_normal(SEED, 5, x.shape, device=DEVICE)
+    ref = sde.euler_maruyama_step(x, s, gd_in, 0.03, 2.0, z)
+    inputs = (x, s, gd) if with_guidance else (x, s)
+    got = torch.autograd.grad(out, inputs, upstream)
+    want = torch.autograd.grad(ref, inputs, upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@here
+def test_opcheck():
+    k_mod = _kernels()
+    x = torch.randn(2, 9, device=DEVICE)
+    args = (x, torch.randn_like(x), torch.randn_like(x), _rng(SEED, 1), 0.02, 1.0)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(k_mod._em_step_op, args, test_utils=utils)
+    torch.library.opcheck(k_mod._philox_normal_op, (x, _rng(SEED, 1)), test_utils=("test_schema", "test_faketensor"))
+
+
+@here
+def test_bad_rng_row_is_rejected():
+    x = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="rng_row"):
+        _kernels().em_step(x, x, None, torch.tensor([1.0, 2.0], device=DEVICE), 0.01, 0.0)
+
+
+@here
+def test_float64_states_are_computed_in_float64():
+    k_mod = _kernels()
+    g = torch.Generator().manual_seed(3)
+    x, s, gd = (torch.randn(3, 50, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    z = noise.philox_normal(SEED, 9, x.shape, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(k_mod.philox_normal(x, _rng(SEED, 9)), z, rtol=0, atol=1e-12)
+    out = k_mod.em_step(x, s, gd, _rng(SEED, 9), 0.0213, 1.7)
+    torch.testing.assert_close(out, sde.euler_maruyama_step(x, s, gd, 0.0213, 1.7, z), rtol=0, atol=1e-12)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adjoint_update(dtype):
+    pytest.importorskip("triton")
+    from coup_fast.kernels.adjoint_update import _adjoint_update_op, adjoint_update
+
+    g = torch.Generator().manual_seed(4)
+    a, v = (torch.randn(5, 131, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for _ in range(2))
+    out, ref = adjoint_update(a, v, 0.019), sde.adjoint_step(a, v, 0.019)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(out, ref, **tol)
+    upstream = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (a, v), upstream), torch.autograd.grad(ref, (a, v), upstream)):
+        torch.testing.assert_close(got, want, **tol)
+    torch.library.opcheck(_adjoint_update_op, (a, v, 0.019), test_utils=("test_schema", "test_faketensor"))
+
+
+@here
+def test_purify_through_the_triton_backend(monkeypatch):
+    """ops.* routed to these kernels: purify and its exact gradient match the C++/torch path."""
+    pytest.importorskip("triton")
+    from coup_fast import ops, purify
+    from problems import analytic_problem
+
+    score, clf = analytic_problem(d=6)
+    score, clf = score.to(DEVICE), clf.to(DEVICE)
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    w = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        out = purify(xr, score, clf, t_star=0.01, lam=2.0, generator=torch.Generator().manual_seed(2))
+        return out.detach(), torch.autograd.grad(out, xr, w)[0]
+
+    monkeypatch.setitem(ops._BACKENDS, torch.device(DEVICE).type, "torch")
+    want = run()
+    monkeypatch.setitem(ops._BACKENDS, torch.device(DEVICE).type, "triton")
+    got = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
