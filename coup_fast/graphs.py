@@ -31,7 +31,7 @@ from . import ops
 from .guidance import image_to_state, state_to_image
 from .noise import draw_seed, rng_table
 from .precision import backend_flags
-from .purify import adjoint_vjp, solve
+from .purify import adjoint_solve, solve
 from .sde import ReverseGrid, diffuse
 
 ENGINES = ("auto", "eager", "graph")
@@ -180,15 +180,8 @@ class GraphEntry:
         return run
 
     def _backward_loop(self, with_hessian: bool):
-        score_model, classifier = self.models
-        grid, lam = self.setting.grid, self.setting.lam
-
         def run(steps):
-            a = self.grad_out
-            for k in list(reversed(range(grid.n_steps)))[:steps]:  # as purify._ExactSolve.backward
-                vjp = adjoint_vjp(self.trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
-                a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
-            return a
+            return adjoint_solve(self.trajectory, self.grad_out, *self.models, self.setting, with_hessian, steps)
 
         return run
 
@@ -326,7 +319,7 @@ def purify_graph(x, score_model, classifier, setting, generator=None, gradient="
     start = state = image_to_state(x)
     if setting.mode == "diffpure":
         entry.write_seed(seed)
-        state = diffuse(state, setting.grid.t_star, ops.normal_noise(state, entry.table[-1]))
+        state = diffuse(state, setting.grid.t_star, ops.normal_noise(state.detach(), entry.table[-1]))
     if with_grad:
         out = _GraphSolve.apply(state, entry, seed)
     else:

@@ -160,6 +160,19 @@ def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hess
     return vjp
 
 
+def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with_hessian: bool, steps=None):
+    """The discrete adjoint: from a = dL/dx_N walk k = N-1..0 over the stored states x_k.
+
+    a_k = a_{k+1} + beta_k h (a_{k+1}/2 + J_s^T a_{k+1} + lam H a_{k+1}); returns dL/dx_0
+    (or the adjoint after the first `steps` backward steps, for warm-ups).
+    """
+    grid, lam = setting.grid, setting.lam
+    for k in list(reversed(range(grid.n_steps)))[:steps]:
+        vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
+        a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
+    return a
+
+
 class _ExactSolve(torch.autograd.Function):
     """Forward: the solve, keeping only x_0..x_{N-1}.  Backward: the discrete adjoint, walking
     k = N-1..0 and recomputing one step's graph at a time, so memory is the trajectory plus one
@@ -177,13 +190,8 @@ class _ExactSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        score_model, classifier = ctx.models
-        grid, lam = ctx.setting.grid, ctx.setting.lam
         trajectory = ctx.saved_tensors  # unpack once: each access unpacks (and version-checks) all N
-        a = grad_out.contiguous()
-        for k in reversed(range(grid.n_steps)):
-            vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, ctx.with_hessian)
-            a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
+        a = adjoint_solve(trajectory, grad_out.contiguous(), *ctx.models, ctx.setting, ctx.with_hessian)
         return a, None, None, None, None, None
 
 
