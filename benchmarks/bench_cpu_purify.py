@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import _harness as H
 
-METHODS = ("fast", "torchsde", "exact", "diffpure-adjoint", "tuned-adjoint", "unrolled")
+METHODS = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
 LAM = 1.0
 
 
@@ -70,7 +70,7 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
                              adjoint_params=adjoint_params)
         return torch.autograd.grad(out, state, w)[0] if adjoint else out
 
-    if method == "fast":
+    if method == "purify":
         def fn():
             with torch.no_grad():
                 return purify(x, score, clf, **kw)
@@ -78,12 +78,13 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
         def fn():
             with torch.no_grad():
                 return torchsde_run(False)
-    elif method in ("exact", "unrolled"):
-        run = purify if method == "exact" else purify_unrolled
+    elif method in ("exact", "exact-fast", "unrolled"):
+        run = purify_unrolled if method == "unrolled" else purify
+        extra = {"memory": "fast"} if method == "exact-fast" else {}
 
         def fn():
             xr = x.clone().requires_grad_(True)
-            return torch.autograd.grad(run(xr, score, clf, **kw), xr, w)[0]
+            return torch.autograd.grad(run(xr, score, clf, **kw, **extra), xr, w)[0]
     elif method == "diffpure-adjoint":
         for p in score.parameters():  # DiffPure's score net is an nn.Module with trainable weights
             p.requires_grad_(True)
@@ -129,35 +130,39 @@ def main(args):
         return H.run_child(child, case)["peak_mib"]
 
     rows, info = [], None
-    methods = ("fast", "torchsde", "exact", "diffpure-adjoint", "tuned-adjoint")
+    methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint")
     for batch in batches:
         info = timed(methods, batch)
         sec = info["seconds"]
         rows.append({
             "batch": batch,
-            "pur_fast": batch / sec["fast"], "pur_torchsde": batch / sec["torchsde"],
-            "pur_x": sec["torchsde"] / sec["fast"],
+            "pur_purify": batch / sec["purify"], "pur_torchsde": batch / sec["torchsde"],
+            "pur_x": sec["torchsde"] / sec["purify"],
             "grad_exact": batch / sec["exact"], "grad_diffpure": batch / sec["diffpure-adjoint"],
             "grad_tuned": batch / sec["tuned-adjoint"],
             "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
+            "grad_fast": batch / sec["exact-fast"], "xf_diffpure": sec["diffpure-adjoint"] / sec["exact-fast"],
             **{f"mem_{m}": peak(m, batch, t_star) for m in methods},
         })
     print(f"device: {info['device']}; models: {info['source']}; t* = {t_star}, lam = {LAM}, mode coup")
     print(f"\nthroughput (images/s, fastest of {repeats} interleaved runs; x = speed-up of coup_fast)")
-    print(H.table(rows, [("batch", "B"), ("pur_fast", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
+    print(H.table(rows, [("batch", "B"), ("pur_purify", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
                          ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
-                         ("grad_tuned", "tuned adj"), ("x_tuned", "x")]))
+                         ("grad_tuned", "tuned adj"), ("x_tuned", "x"), ("grad_fast", "exact grad fast"),
+                         ("xf_diffpure", "x DiffPure")]))
+    print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
     print("\npeak RSS growth of one call (MiB)")
-    print(H.table(rows, [("batch", "B"), ("mem_fast", "purify"), ("mem_torchsde", "sdeint"),
-                         ("mem_exact", "exact grad"), ("mem_diffpure-adjoint", "DiffPure adj"),
+    print(H.table(rows, [("batch", "B"), ("mem_purify", "purify"), ("mem_torchsde", "sdeint"),
+                         ("mem_exact", "exact grad"), ("mem_exact-fast", "exact fast"),
+                         ("mem_diffpure-adjoint", "DiffPure adj"),
                          ("mem_tuned-adjoint", "tuned adj")]))
 
-    sec = timed(("fast", "torchsde", "exact", "tuned-adjoint"), 1, models="analytic")["seconds"]
+    sec = timed(("purify", "torchsde", "exact", "tuned-adjoint"), 1, models="analytic")["seconds"]
     print("\nengine overhead: B = 1 with closed-form models (networks cost ~0), d = 64; images/s")
-    print(H.table([{"pur_fast": 1 / sec["fast"], "pur_torchsde": 1 / sec["torchsde"],
-                    "pur_x": sec["torchsde"] / sec["fast"], "grad_exact": 1 / sec["exact"],
+    print(H.table([{"pur_purify": 1 / sec["purify"], "pur_torchsde": 1 / sec["torchsde"],
+                    "pur_x": sec["torchsde"] / sec["purify"], "grad_exact": 1 / sec["exact"],
                     "grad_tuned": 1 / sec["tuned-adjoint"], "x_tuned": sec["tuned-adjoint"] / sec["exact"]}],
-                  [("pur_fast", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"), ("grad_exact", "exact grad"),
+                  [("pur_purify", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"), ("grad_exact", "exact grad"),
                    ("grad_tuned", "sdeint_adjoint"), ("x_tuned", "x")]))
 
     batch = batches[-1]

@@ -13,6 +13,7 @@ from .noise import draw_seed, rng_table
 from .sde import ReverseGrid, diffuse, euler_maruyama_step
 
 MODES = ("coup", "reverse", "diffpure")
+MEMORY = ("lean", "fast")
 GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
 RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
 
@@ -40,7 +41,8 @@ def _model_device(model):
     return None
 
 
-def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True) -> Setting:
+def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
+             memory="lean") -> Setting:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -60,6 +62,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(gradient, str) or gradient not in GRADIENTS:
         raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+    if not isinstance(memory, str) or memory not in MEMORY:
+        raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
     if not (isinstance(t_star, (int, float)) and 0.0 < t_star <= 1.0):
         raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
     if not (isinstance(dt, (int, float)) and 0.0 < dt <= t_star):
@@ -129,23 +133,57 @@ def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_grap
 
 
 def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create_graph=False, trajectory=None,
-          callback=None):
+          keep_graphs=None, callback=None):
     """Run the guided reverse SDE from t* to 0 on states x in [-1, 1] (Eq. 5, Euler-Maruyama).
 
     With create_graph=True every step stays on the autograd tape (the unrolled reference);
     otherwise the caller runs it under no_grad.  `trajectory`, a list, receives x_0 .. x_{N-1}.
-    `callback({'k', 't', 'x'})` is called after each step.
+    keep_graphs ('score' or 'hessian') makes `trajectory` receive each step's network graph
+    instead (a KeptStep; 'hessian' keeps the guidance differentiable), for the memory='fast'
+    adjoint.  `callback({'k', 't', 'x'})` is called after each step.
     """
     grid = setting.grid
     for k in range(grid.n_steps):
-        if trajectory is not None:
-            trajectory.append(x)
         t_k = grid.t(k)
-        score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
+        if keep_graphs:
+            kept = KeptStep.record(x, t_k, score_model, classifier, setting.lam, keep_graphs == "hessian")
+            trajectory.append(kept)
+            score, guidance = kept.drift_terms()
+        else:
+            if trajectory is not None:
+                trajectory.append(x)
+            score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
         if callback is not None:
             callback({"k": k, "t": t_k, "x": x})
     return x
+
+
+@dataclass
+class KeptStep:
+    """One step's network graph, kept from the forward so the adjoint needs no recompute."""
+
+    x: torch.Tensor  # the leaf x_k
+    score: torch.Tensor
+    guidance: torch.Tensor | None
+
+    @classmethod
+    def record(cls, x, t, score_model, classifier, lam, with_hessian):
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            score, guidance = drift_terms(leaf, t, score_model, classifier, lam, create_graph=with_hessian)
+        return cls(leaf, score, guidance)
+
+    def drift_terms(self):
+        return self.score.detach(), None if self.guidance is None else self.guidance.detach()
+
+    def vjp(self, a, lam, with_hessian):
+        with torch.enable_grad():  # backward passes run under no_grad
+            objective = (self.score * a).sum()
+            if self.guidance is not None and with_hessian:
+                objective = objective + lam * (self.guidance * a).sum()
+            (vjp,) = torch.autograd.grad(objective, self.x)
+        return vjp
 
 
 def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hessian: bool):
@@ -168,38 +206,50 @@ def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with
     """
     grid, lam = setting.grid, setting.lam
     for k in list(reversed(range(grid.n_steps)))[:steps]:
-        vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
+        if isinstance(trajectory[k], KeptStep):
+            vjp = trajectory[k].vjp(a, lam, with_hessian)
+        else:
+            vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
         a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
     return a
 
 
 class _ExactSolve(torch.autograd.Function):
-    """Forward: the solve, keeping only x_0..x_{N-1}.  Backward: the discrete adjoint, walking
-    k = N-1..0 and recomputing one step's graph at a time, so memory is the trajectory plus one
-    step's activations.  with_hessian=False is the paper's detached-guidance gradient."""
+    """Forward: the solve.  Backward: the discrete adjoint, walking k = N-1..0.
+
+    memory='lean' keeps only x_0..x_{N-1} and recomputes one step's graph at a time (memory: the
+    trajectory plus one step's activations); memory='fast' keeps every step's graph from the
+    forward (N steps of activations, no recompute).  with_hessian=False is the paper's
+    detached-guidance gradient."""
 
     @staticmethod
-    def forward(ctx, x, score_model, classifier, setting, source, with_hessian):
+    def forward(ctx, x, score_model, classifier, setting, source, with_hessian, memory):
         trajectory = []
+        keep = ("hessian" if with_hessian else "score") if memory == "fast" else None
         with torch.no_grad():
-            out = solve(x, score_model, classifier, setting, source, trajectory=trajectory)
-        ctx.save_for_backward(*trajectory)
+            out = solve(x, score_model, classifier, setting, source, trajectory=trajectory, keep_graphs=keep)
+        if keep:
+            ctx.kept = trajectory
+        else:
+            ctx.save_for_backward(*trajectory)
         ctx.models, ctx.setting, ctx.with_hessian = (score_model, classifier), setting, with_hessian
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        trajectory = ctx.saved_tensors  # unpack once: each access unpacks (and version-checks) all N
+        # unpack once: each access of saved_tensors unpacks (and version-checks) all N
+        trajectory = ctx.kept if hasattr(ctx, "kept") else ctx.saved_tensors
         a = adjoint_solve(trajectory, grad_out.contiguous(), *ctx.models, ctx.setting, ctx.with_hessian)
-        return a, None, None, None, None, None
+        return a, None, None, None, None, None, None
 
 
-def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gradient: str = "exact"):
+def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gradient: str = "exact",
+                 memory: str = "lean"):
     """The purifier on states in [-1, 1]: start point (mode), solve, gradient method."""
     if gradient == "bpda":  # straight-through: forward as usual, identity Jacobian
         with torch.no_grad():
-            out = purify_state(x, score_model, classifier, setting, source, "exact")
+            out = purify_state(x, score_model, classifier, setting, source)
         return x + (out - x).detach()
     if setting.mode == "diffpure":
         x = diffuse(x, setting.grid.t_star, source.diffusion_eps(x))
@@ -210,11 +260,11 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
             return solve(x, score_model, classifier, setting, source)
-    return _ExactSolve.apply(x, score_model, classifier, setting, source, gradient == "exact")
+    return _ExactSolve.apply(x, score_model, classifier, setting, source, gradient == "exact", memory)
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact", engine="eager"):
+           gradient="exact", memory="lean", engine="eager"):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -224,13 +274,15 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     ((N + 1, ...) for 'diffpure', draw 0 diffusing) used as z_k exactly; otherwise a seed is
     drawn from `generator` (torch's global RNG if None).  gradient: 'exact' (discrete adjoint),
     'adjoint' (torchsde stochastic adjoint), 'bpda' (straight-through), 'detached-guidance'
-    (the paper's code: guidance constant in the backward pass).
+    (the paper's code: guidance constant in the backward pass).  memory: 'lean' (exact gradient
+    stores the trajectory and recomputes one step's graph at a time) or 'fast' (keeps every
+    step's graph: no recompute, N steps of activations).
     engine: 'eager' (default), 'graph' or 'auto' (CUDA graphs for CUDA tensors, coup_fast.graphs; not
     yet validated on a GPU, hence opt-in).
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
-                       noise=noise)
+                       noise=noise, memory=memory)
     # --- engine hook: CUDA-graph-captured loops (coup_fast/graphs.py); None = not capturable, run eager ---
     from . import graphs
 
@@ -240,7 +292,7 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
             return out
     # --- end of engine hook ---
     source = Noise(x, setting, noise, generator)
-    out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient)
+    out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient, memory)
     return state_to_image(out).clamp(0.0, 1.0)
 
 
