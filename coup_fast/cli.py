@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .attacks import ATTACKS, NORMS, AttackSettings
 from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense

@@ -1,11 +1,21 @@
 """Shared test problems: the analytic mixture + linear-softmax pair, and tiny neural nets."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
 from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
 from coup_fast.score import EpsilonScore
+
+# Triton kernels run on a GPU, or on CPU tensors under the interpreter (conftest.py sets it).
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRETED else "cpu"
+needs_triton_runtime = pytest.mark.skipif(
+    not (TRITON_INTERPRETED or torch.cuda.is_available()),
+    reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU-only machines)")
 
 
 def analytic_problem(d: int = 6, n_classes: int = 4, dtype=torch.float32, seed: int = 0):

@@ -1,5 +1,4 @@
 """coup-fast eval: settings from flags and TOML/YAML files, validation that names the field before any work."""
-import os
 
 import pytest
 import torch

@@ -10,13 +10,6 @@ import torch
 from coup_fast.data import load_cifar, load_digits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are small: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_fake_cifar(root, dataset="cifar10", n_per_file=20, tar=False, seed=0):

@@ -21,13 +21,6 @@ MAX_SCORE_LOSS = {"t=0.01": 0.65, "t=0.05": 0.42, "t=0.1": 0.29, "mix": 0.20}
 MIN_PURIFIED_ACC = {0.0: 0.95, 1.0: 0.95}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

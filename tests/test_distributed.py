@@ -1,7 +1,6 @@
 """The same command under torchrun (2 gloo ranks on CPU) shards the batches and merges to the
 single-process result."""
 import glob
-import os
 import subprocess
 import sys
 

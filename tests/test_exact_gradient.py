@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coup_fast import purify
-from coup_fast.noise import draw_seed, philox_normal
+from coup_fast.noise import draw_seed
 from coup_fast.reference import purify_unrolled
 from coup_fast.sde import ReverseGrid
 from problems import analytic_problem, neural_problem

@@ -3,19 +3,13 @@
 Without a GPU the kernels run under the Triton interpreter on CPU tensors: tests/conftest.py
 sets TRITON_INTERPRET=1 for the whole session before triton is first imported.
 """
-import os
-
 import pytest
 import torch
 
 from coup_fast.analytic import LinearSoftmaxClassifier
 from coup_fast.guidance import confidence_grad, log_max_softmax
+from problems import KERNEL_DEVICE as DEVICE, needs_triton_runtime as here
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-RUN_HERE = INTERPRETED or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-here = pytest.mark.skipif(not RUN_HERE, reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU-only machines)")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 

@@ -3,18 +3,12 @@
 Without a GPU the kernels run under the Triton interpreter on CPU tensors: tests/conftest.py
 sets TRITON_INTERPRET=1 for the whole session before triton is first imported.
 """
-import os
-
 import pytest
 import torch
 
 from coup_fast import noise, sde
+from problems import KERNEL_DEVICE as DEVICE, needs_triton_runtime as here
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-RUN_HERE = INTERPRETED or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-here = pytest.mark.skipif(not RUN_HERE, reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU-only machines)")
 SEED = 123456789012345
 
 
@@ -55,7 +49,7 @@ def test_em_step_forward(shape, with_guidance):
 @here
 def test_em_step_half_precision_inputs():
     """fp32 state, fp16 score/guidance (bf16 on a GPU): upcast on load, fp32 result."""
-    low = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter (numpy) has no bf16
+    low = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter (numpy) has no bf16
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 33, generator=g).to(DEVICE)
     s, gd = (torch.randn(4, 33, generator=g).to(DEVICE, low) for _ in range(2))

@@ -8,13 +8,6 @@ from coup_fast.models.ncsnpp import NCSNpp, load_ncsnpp, ncsnpp_cifar10_deep, nc
 from coup_fast.sde import vp_sigma
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are small: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fake_checkpoint(path, cfg, seed=0):

@@ -5,13 +5,6 @@ import torch
 from coup_fast.models.wideresnet import DMWideResNet, WideResNet, load_wideresnet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small nets: one intra-op thread avoids oversubscription on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _count(model):

@@ -10,12 +10,6 @@ from coup_fast.paper import cli, sweep
 from problems import neural_problem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_problem(n: int = 6):

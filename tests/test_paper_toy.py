@@ -11,12 +11,6 @@ from coup_fast.guidance import confidence_grad
 from coup_fast.paper import toy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fast_score_is_the_gaussian_mixture_score():

@@ -10,12 +10,6 @@ from coup_fast.purify import purify
 from problems import neural_problem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_confidence_path_matches_noiseless_purify():

@@ -8,3 +8,21 @@
 
 Every analysis runs through the engine's own solver (`coup_fast.purify.solve` / `purify`).
 """
+
+import csv
+import json
+import os
+
+
+def write_outputs(result: dict, out_dir: str, name: str, plot) -> dict:
+    """NAME.csv (result['rows']), NAME.json (everything), NAME.png (plot(result, path)) under out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"{name}.{k}") for k in ("csv", "json", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, paths["png"])
+    return paths

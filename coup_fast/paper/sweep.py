@@ -8,14 +8,12 @@ data and checkpoints are given.
 """
 from __future__ import annotations
 
-import csv
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from . import write_outputs
 from ..purify import PurifiedClassifier
 
 DATASETS = ("digits", "cifar10")
@@ -147,16 +145,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
 
 def write_sweep(result: dict, out_dir: str) -> dict:
     """sweep.csv, sweep.json, sweep.png (Fig. 4 a/b) under out_dir; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("csv", "json", "png")}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    plot_sweep(result, paths["png"])
-    return paths
+    return write_outputs(result, out_dir, "sweep", plot_sweep)
 
 
 def plot_sweep(result: dict, path: str) -> None:

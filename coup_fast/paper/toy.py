@@ -21,15 +21,13 @@ the lam = 0 column is one solve shared by every c.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import time
 
 import torch
 from torch import nn
 
+from . import write_outputs
 from ..analytic import GaussianMixture
 from ..purify import Noise, Setting, solve
 from ..sde import ReverseGrid, vp_alpha, vp_gamma, vp_sigma
@@ -323,16 +321,7 @@ def toy_table(result: dict) -> str:
 
 def write_toy(result: dict, out_dir: str) -> dict:
     """toy.csv (one row per cell), toy.json (everything), toy.png (Fig. 3b); returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"toy.{k}") for k in ("csv", "json", "png")}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    plot_toy(result, paths["png"])
-    return paths
+    return write_outputs(result, out_dir, "toy", plot_toy)
 
 
 def plot_toy(result: dict, path: str) -> None:
