@@ -49,10 +49,14 @@ def _philox_normal(seed, offset, ACC: tl.constexpr):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + PHILOX_KEY_A
         k1 = k1 + PHILOX_KEY_B
-    # 24-bit uniforms are exact in fp32: u1 in (0, 1] keeps log finite, u2 in [0, 1).
+    # 24-bit uniforms are exact in fp32: u1 in (0, 1] keeps log finite.  cos(2 pi u2) as in
+    # csrc/coup_math.h: 4 u2 = quadrant + f exactly, then +-cos / +-sin of (pi/2) f < pi/2.
     u1 = ((c0 >> 8) + 1).to(tl.int32).to(ACC) * 5.9604644775390625e-08
-    u2 = (c1 >> 8).to(tl.int32).to(ACC) * 5.9604644775390625e-08
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    quadrant = (c1 >> 30).to(tl.int32)
+    angle = ((c1 >> 8) & 0x3FFFFF).to(tl.int32).to(ACC) * 2.384185791015625e-07 * 1.5707963267948966
+    trig = tl.where((quadrant & 1) == 1, tl.sin(angle), tl.cos(angle))
+    cos_2pi_u2 = tl.where((quadrant == 1) | (quadrant == 2), -trig, trig)
+    return tl.sqrt(-2.0 * tl.log(u1)) * cos_2pi_u2
 
 
 @triton.jit
