@@ -6,7 +6,8 @@ Models: the digits score net (1x8x8, ~0.1M params) and classifier (coup_fast.mod
 weights of the same architecture when the trained weights are absent (speed does not depend on
 them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
 
-* purification, images/s: `purify` (no grad) vs torchsde `sdeint` (Euler, BrownianInterval).
+* purification, images/s: `purify` (no grad) vs torchsde `sdeint` (Euler, BrownianInterval), and
+  "networks": the N score and guidance calls alone, the floor no engine can beat with these networks.
 * image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint) vs DiffPure-style
   `sdeint_adjoint` (score-net parameters trainable, hence adjoint parameters: adjoint_params=None)
   and a tuned `sdeint_adjoint` (adjoint_params=()).
@@ -23,7 +24,7 @@ import torch
 
 from benchmarks import _harness as H
 
-METHODS = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
+METHODS = ("purify", "torchsde", "networks", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
 LAM = 1.0
 
 
@@ -74,6 +75,14 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
         def fn():
             with torch.no_grad():
                 return purify(x, score, clf, **kw)
+    elif method == "networks":  # the networks' calls of a guided solve and nothing else: no engine is faster
+        from coup_fast.purify import drift_terms
+
+        def fn():
+            with torch.no_grad():
+                state = 2 * x - 1
+                for k in range(setting.grid.n_steps):
+                    drift_terms(state, setting.grid.t(k), score, clf, LAM)
     elif method == "torchsde":
         def fn():
             with torch.no_grad():
@@ -132,12 +141,12 @@ def main(args):
     rows, info = [], None
     methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint")
     for batch in batches:
-        info = timed(methods, batch)
+        info = timed(methods + ("networks",), batch)
         sec = info["seconds"]
         rows.append({
             "batch": batch,
             "pur_purify": batch / sec["purify"], "pur_torchsde": batch / sec["torchsde"],
-            "pur_x": sec["torchsde"] / sec["purify"],
+            "pur_x": sec["torchsde"] / sec["purify"], "pur_ceiling": sec["torchsde"] / sec["networks"],
             "grad_exact": batch / sec["exact"], "grad_diffpure": batch / sec["diffpure-adjoint"],
             "grad_tuned": batch / sec["tuned-adjoint"],
             "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
@@ -147,9 +156,10 @@ def main(args):
     print(f"device: {info['device']}; models: {info['source']}; t* = {t_star}, lam = {LAM}, mode coup")
     print(f"\nthroughput (images/s, fastest of {repeats} interleaved runs; x = speed-up of coup_fast)")
     print(H.table(rows, [("batch", "B"), ("pur_purify", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
-                         ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
+                         ("pur_ceiling", "x ceiling"), ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
                          ("grad_tuned", "tuned adj"), ("x_tuned", "x"), ("grad_fast", "exact grad fast"),
                          ("xf_diffpure", "x DiffPure")]))
+    print("x ceiling = sdeint / (the networks' calls alone): the most any engine can gain without touching the networks")
     print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
     print("\npeak RSS growth of one call (MiB)")
     print(H.table(rows, [("batch", "B"), ("mem_purify", "purify"), ("mem_torchsde", "sdeint"),
