@@ -168,7 +168,7 @@ def main(args):
                          ("mem_tuned-adjoint", "tuned adj")]))
 
     sec = timed(("purify", "torchsde", "exact", "tuned-adjoint"), 1, models="analytic")["seconds"]
-    print("\nengine overhead: B = 1 with closed-form models (networks cost ~0), d = 64; images/s")
+    print("\nengine overhead: B = 1 with closed-form models (a few dozen small tensor ops, no networks), d = 64; images/s")
     print(H.table([{"pur_purify": 1 / sec["purify"], "pur_torchsde": 1 / sec["torchsde"],
                     "pur_x": sec["torchsde"] / sec["purify"], "grad_exact": 1 / sec["exact"],
                     "grad_tuned": 1 / sec["tuned-adjoint"], "x_tuned": sec["tuned-adjoint"] / sec["exact"]}],
