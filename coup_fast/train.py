@@ -1,6 +1,6 @@
 """Train the embedded digits models (the ones shipped in ``coup_fast/weights/``).
 
-    python -m coup_fast.train digits [--out DIR] [--steps N] [--clf-steps M] [--seed S]
+    python -m coup_fast.train digits [--out DIR] [--steps N] [--clf-steps M] [--seed S] [--restart]
 
 - Classifier: :class:`~coup_fast.models.digits.DigitsClassifier`, cross-entropy, AdamW,
   on the fixed 1497-image train split of sklearn's digits (``coup_fast.data.load_digits``).
@@ -10,7 +10,8 @@
   Purification only visits t <= t* (0.1 in the paper), so half of each batch draws
   t ~ U(1e-3, 0.2) and half t ~ U(1e-3, 1).  The saved weights are an EMA of the iterates.
 
-Everything is seeded; a few minutes on 2 CPU cores.  Writes ``digits_score.safetensors``,
+Everything is seeded; a few minutes on 2 CPU cores.  An interrupted run resumes when the same
+command is run again (checkpoints in ``OUT/.train_checkpoints``, removed at the end).  Writes ``digits_score.safetensors``,
 ``digits_classifier.safetensors`` and ``digits.json`` (configs + measured metrics).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -32,6 +34,42 @@ from .models.digits import (CLASSIFIER_FILE, META_FILE, SCORE_FILE, WEIGHTS_DIR,
 from .sde import vp_alpha, vp_sigma
 
 T_EPS = 1e-3
+CHECKPOINT_DIR = ".train_checkpoints"  # under --out; removed once the final weights are written
+
+
+def _atomic_write(path: str, write):
+    """write(tmp) then rename over `path`: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class TrainingCheckpoint:
+    """A training loop's whole state every `every` steps, so a killed run resumes where it was.
+
+    The state (weights, optimizer, schedule, data generator, losses) is restored exactly, so a
+    resumed run ends with the same weights, bit for bit, as one that was never interrupted.
+    `config` is stored with it; resuming under another config is refused.
+    """
+
+    def __init__(self, path: str | None, config: dict, every: int = 100):
+        if every < 1:
+            raise ValueError(f"checkpoint_every: expected an int >= 1, got {every!r}")
+        self.path, self.config, self.every = path, config, every
+
+    def load(self) -> dict | None:
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        state = torch.load(self.path, weights_only=True)
+        if state["config"] != self.config:
+            raise ValueError(f"{self.path}: a checkpoint of another run ({state['config']}, now {self.config}); "
+                             "delete it or pass --restart")
+        return state
+
+    def maybe_save(self, step: int, last: int, **state):
+        if self.path is not None and (step % self.every == 0 or step == last):
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            _atomic_write(self.path, lambda tmp: torch.save({"config": self.config, "step": step, **state}, tmp))
 
 
 def sample_t(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,19 +108,24 @@ def eval_dsm(eps_net, x0: torch.Tensor, t_values=(0.01, 0.05, 0.1, 0.5), seed: i
 
 def train_score(net: DigitsEpsNet, x0: torch.Tensor, steps: int, *, batch: int = 128,
                 lr: float = 2e-3, ema_decay: float = 0.999, seed: int = 0,
-                progress: bool = True) -> tuple[DigitsEpsNet, list]:
+                progress: bool = True, checkpoint: str | None = None,
+                checkpoint_every: int = 100) -> tuple[DigitsEpsNet, list]:
     """DSM training of ``net`` on x0 (N, 1, 8, 8) in [-1, 1].
 
     Adam with cosine learning-rate decay.  Returns (EMA copy of the net, per-step losses).
+    With ``checkpoint`` (a file path) the loop saves its state every ``checkpoint_every``
+    steps and resumes from the file when it exists.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     ema = copy.deepcopy(net).requires_grad_(False)
-    losses = []
+    ckpt = TrainingCheckpoint(checkpoint, {"model": "score", "steps": steps, "batch": batch, "lr": lr,
+                                           "ema_decay": ema_decay, "seed": seed}, checkpoint_every)
+    start, losses = _resume(ckpt, g, opt, sched, net=net, ema=ema)
     net.train()
-    for i in tqdm(range(steps), desc="score", disable=not progress):
+    for i in tqdm(range(start, steps), desc="score", disable=not progress, initial=start, total=steps):
         idx = torch.randint(0, x0.shape[0], (batch,), generator=g)
         xb = x0[idx]
         loss = dsm_loss(net, xb, sample_t(batch, g), torch.randn(xb.shape, generator=g))
@@ -96,8 +139,23 @@ def train_score(net: DigitsEpsNet, x0: torch.Tensor, steps: int, *, batch: int =
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - d)
         losses.append(loss.item())
+        ckpt.maybe_save(i + 1, steps, generator=g.get_state(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        losses=losses, net=net.state_dict(), ema=ema.state_dict())
     net.eval()
     return ema.eval(), losses
+
+
+def _resume(ckpt: TrainingCheckpoint, generator, opt, sched, **modules) -> tuple[int, list]:
+    """Restore a loop's state from `ckpt` if it has one: (first step to run, losses so far)."""
+    state = ckpt.load()
+    if state is None:
+        return 0, []
+    generator.set_state(state["generator"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    return state["step"], list(state["losses"])
 
 
 def random_shift(u: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -116,19 +174,24 @@ def random_shift(u: torch.Tensor, generator: torch.Generator, max_shift: int = 1
 def train_classifier(clf: DigitsClassifier, u: torch.Tensor, y: torch.Tensor, steps: int, *,
                      batch: int = 128, lr: float = 2e-3, weight_decay: float = 1e-3,
                      shift: bool = True, noise: float = 0.0, seed: int = 0,
-                     progress: bool = True) -> list:
+                     progress: bool = True, checkpoint: str | None = None,
+                     checkpoint_every: int = 100) -> list:
     """Cross-entropy training on u (N, 1, 8, 8) in [0, 1]; returns per-step losses.
 
     Augmentation: random +-1 pixel shifts (``shift``) and, with ``noise`` > 0, additive
     Gaussian noise of per-image std ~ U(0, noise) (purified images are slightly noisy).
+    ``checkpoint``: as in :func:`train_score`.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
-    losses = []
+    ckpt = TrainingCheckpoint(checkpoint, {"model": "classifier", "steps": steps, "batch": batch, "lr": lr,
+                                           "weight_decay": weight_decay, "shift": shift, "noise": noise,
+                                           "seed": seed}, checkpoint_every)
+    start, losses = _resume(ckpt, g, opt, sched, clf=clf)
     clf.train()
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress):
+    for i in tqdm(range(start, steps), desc="classifier", disable=not progress, initial=start, total=steps):
         idx = torch.randint(0, u.shape[0], (batch,), generator=g)
         ub = u[idx]
         if shift:
@@ -142,6 +205,8 @@ def train_classifier(clf: DigitsClassifier, u: torch.Tensor, y: torch.Tensor, st
         opt.step()
         sched.step()
         losses.append(loss.item())
+        ckpt.maybe_save(i + 1, steps, generator=g.get_state(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        losses=losses, clf=clf.state_dict())
     clf.eval()
     return losses
 
@@ -156,13 +221,22 @@ CLF_AUG = {"shift": True, "noise": 0.2}
 
 
 def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int = 1000,
-                 seed: int = 0, only: str | None = None, progress: bool = True) -> dict:
+                 seed: int = 0, only: str | None = None, progress: bool = True,
+                 checkpoint_every: int = 100, restart: bool = False) -> dict:
     """Train the digits models, save them under ``out_dir``, return the metadata dict.
 
     ``only="classifier"`` / ``"score"`` retrains one model and reloads the other from
     ``out_dir`` (initialisation order is kept, so a full run gives the same nets).
+    Both loops checkpoint to ``out_dir/.train_checkpoints`` every ``checkpoint_every`` steps: rerun
+    the same command after an interruption and it resumes (``restart=True`` starts over).
+    The final files are written atomically and the checkpoints removed.
     """
     from safetensors.torch import load_file, save_file
+
+    ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
+    if restart:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    resumable = {"checkpoint_every": checkpoint_every, "progress": progress}
 
     torch.manual_seed(seed)  # parameter initialisation: classifier first, then score net
     u_tr, y_tr = load_digits("train")
@@ -176,7 +250,8 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
 
     if only in (None, "classifier"):
         t0 = time.time()
-        train_classifier(clf, u_tr, y_tr, clf_steps, seed=seed, progress=progress, **CLF_AUG)
+        train_classifier(clf, u_tr, y_tr, clf_steps, seed=seed, checkpoint=os.path.join(ckpt_dir, "classifier.pt"),
+                         **resumable, **CLF_AUG)
         timing["classifier_seconds"] = round(time.time() - t0, 1)
         clf_train = {"clf_steps": clf_steps, "seed": seed, "batch": 128, "augmentation": CLF_AUG,
                      "torch": torch.__version__}
@@ -188,7 +263,8 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
 
     if only in (None, "score"):
         t0 = time.time()
-        ema, losses = train_score(net, 2 * u_tr - 1, steps, seed=seed + 1, progress=progress)
+        ema, losses = train_score(net, 2 * u_tr - 1, steps, seed=seed + 1, checkpoint=os.path.join(ckpt_dir, "score.pt"),
+                                  **resumable)
         timing["score_seconds"] = round(time.time() - t0, 1)
         score_train = {"steps": steps, "seed": seed, "batch": 128, "torch": torch.__version__,
                        "final_batch_loss_avg100": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
@@ -216,14 +292,17 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
         "metrics": metrics,
     }
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
-              os.path.join(out_dir, SCORE_FILE))
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()},
-              os.path.join(out_dir, CLASSIFIER_FILE))
-    for f in (SCORE_FILE, CLASSIFIER_FILE):
-        os.chmod(os.path.join(out_dir, f), 0o644)  # safetensors writes 0600
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    for name, model in ((SCORE_FILE, ema), (CLASSIFIER_FILE, clf)):
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        _atomic_write(os.path.join(out_dir, name), lambda tmp: save_file(tensors, tmp))
+        os.chmod(os.path.join(out_dir, name), 0o644)  # safetensors writes 0600
+
+    def write_meta(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    _atomic_write(os.path.join(out_dir, META_FILE), write_meta)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return meta
 
 
@@ -236,12 +315,16 @@ def main(argv=None):
     p.add_argument("--only", choices=["classifier", "score"], default=None,
                    help="retrain one model, keep the other from --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save the training state every this many steps (rerun the command to resume)")
+    p.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is faster on a busy machine)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    meta = train_digits(a.out, steps=a.steps, clf_steps=a.clf_steps, seed=a.seed, only=a.only)
+    meta = train_digits(a.out, steps=a.steps, clf_steps=a.clf_steps, seed=a.seed, only=a.only,
+                        checkpoint_every=a.checkpoint_every, restart=a.restart)
     print(json.dumps(meta["metrics"], indent=2))
 
 

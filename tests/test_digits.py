@@ -10,7 +10,7 @@ from coup_fast.models import load_digits_models
 from coup_fast.models.digits import (CLASSIFIER_FILE, META_FILE, SCORE_FILE, WEIGHTS_DIR,
                                      DigitsClassifier, DigitsEpsNet)
 from coup_fast.sde import vp_sigma
-from coup_fast.train import accuracy, eval_dsm, main, train_classifier, train_score
+from coup_fast.train import CHECKPOINT_DIR, accuracy, eval_dsm, main, train_classifier, train_score
 
 # Thresholds sit below the values measured on the shipped weights (coup_fast/weights/digits.json):
 # clean test accuracy 0.9933; denoising loss on the test split t=0.01: 0.541, t=0.05: 0.345,
@@ -93,6 +93,61 @@ def test_train_cli_writes_loadable_weights(tmp_path):
     score, clf = load_digits_models(weights_dir=str(tmp_path))
     x = torch.rand(2, 1, 8, 8)
     assert clf(x).shape == (2, 10) and score(2 * x - 1, 0.05).shape == (2, 1, 8, 8)
+    assert not (tmp_path / CHECKPOINT_DIR).exists()  # a finished run leaves no checkpoints behind
+
+
+def _interrupt_at_call(fn, n):
+    """fn, except that its n-th call raises KeyboardInterrupt (a user's Ctrl-C mid-training)."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("which", ["score", "classifier"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, which):
+    """Killed after 5 of 7 steps (last checkpoint at 4) and rerun: bit-for-bit the uninterrupted run."""
+    import coup_fast.train as train
+
+    u, y = load_digits("train")
+    u, y = u[:96], y[:96]
+
+    def run(checkpoint=None):
+        torch.manual_seed(0)
+        if which == "score":
+            ema, losses = train.train_score(DigitsEpsNet(), 2 * u - 1, 7, batch=16, progress=False,
+                                            checkpoint=checkpoint, checkpoint_every=2)
+            return ema.state_dict(), losses
+        clf = DigitsClassifier()
+        losses = train.train_classifier(clf, u, y, 7, batch=16, noise=0.2, progress=False, checkpoint=checkpoint,
+                                        checkpoint_every=2)
+        return clf.state_dict(), losses
+
+    want_state, want_losses = run()
+    path = str(tmp_path / "state.pt")
+    hook = "dsm_loss" if which == "score" else "random_shift"
+    with monkeypatch.context() as patch:
+        patch.setattr(train, hook, _interrupt_at_call(getattr(train, hook), 6))
+        with pytest.raises(KeyboardInterrupt):
+            run(path)
+    assert torch.load(path, weights_only=True)["step"] == 4
+    state, losses = run(path)
+    assert losses == want_losses
+    for key, value in want_state.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    u, y = load_digits("train")
+    path = str(tmp_path / "state.pt")
+    train_classifier(DigitsClassifier(), u[:32], y[:32], 2, batch=8, progress=False, checkpoint=path)
+    with pytest.raises(ValueError, match="another run"):
+        train_classifier(DigitsClassifier(), u[:32], y[:32], 3, batch=8, progress=False, checkpoint=path)
 
 
 @pytest.mark.slow
