@@ -46,8 +46,10 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float64):
+        # The state is integrated in x's dtype: half precision cannot resolve steps of beta h ~ 1e-3.
+        # Low-precision networks go through coup_fast.precision (bf16 autocast), the state stays fp32.
+        raise ValueError(f"x: expected float32 or float64 (the SDE state's dtype), got {x.dtype}")
     if x.ndim not in (2, 4):
         raise ValueError(f"x: expected a batch of images (B, C, H, W) or vectors (B, D), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -88,6 +90,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
             got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
             what = "N + 1 (first draw: the forward diffusion)" if mode == "diffpure" else "N"
             raise ValueError(f"noise: expected shape {expected} ({what} draws of x's shape, N = {setting.grid.n_steps}), got {got}")
+        if not noise.is_floating_point():
+            raise ValueError(f"noise: expected a floating dtype (standard normal draws), got {noise.dtype}")
         if noise.device != x.device:
             raise ValueError(f"noise: expected on {x.device}, got {noise.device}")
         if not torch.isfinite(noise).all():

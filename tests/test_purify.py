@@ -26,6 +26,8 @@ BAD_INPUTS = [
     (dict(x=torch.rand(6)), "x"),
     (dict(x=torch.rand(1, 2, 6)), "x"),
     (dict(x=torch.ones(2, 6, dtype=torch.int64)), "x"),
+    (dict(x=torch.rand(2, 6).half()), "x"),
+    (dict(x=torch.rand(2, 6).bfloat16()), "x"),
     (dict(x=torch.rand(2, 6) + 0.5), "x"),
     (dict(x=torch.rand(2, 6) - 0.5), "x"),
     (dict(t_star=0.0), "t_star"),
@@ -38,6 +40,7 @@ BAD_INPUTS = [
     (dict(gradient="fancy"), "gradient"),
     (dict(noise=torch.zeros(99, 2, 6)), "noise"),
     (dict(noise=torch.zeros(100, 2, 6), mode="diffpure"), "noise"),
+    (dict(noise=torch.zeros(100, 2, 6, dtype=torch.int64)), "noise"),
 ]
 
 
