@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ._files import atomic_write_text
 from .attacks import AttackSettings, DEFAULT_EPS, NORMS, run_attack
 from .purify import GRADIENTS, PurifiedClassifier
 
@@ -87,15 +88,6 @@ def batch_seed(seed: int, cell: tuple, batch: int) -> int:
 
 def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _dist():
@@ -179,10 +171,7 @@ class Table:
         os.makedirs(out_dir, exist_ok=True)
         for name, text in (("results.json", json.dumps(self.to_dict(), indent=1)),
                            ("results.md", self.to_markdown() + "\n"), ("results.csv", self.to_csv())):
-            tmp = os.path.join(out_dir, name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(out_dir, name))
+            atomic_write_text(os.path.join(out_dir, name), text)
 
 
 def _cells(labels, attacks, threats):
@@ -221,7 +210,7 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
     root = None if out_dir is None else os.path.join(out_dir, "batches", run_hash)
     if root is not None and rank == 0:
         os.makedirs(root, exist_ok=True)
-        _atomic_write_json(os.path.join(root, "settings.json"), settings_doc)
+        atomic_write_text(os.path.join(root, "settings.json"), json.dumps(settings_doc))
 
     def path(cell, b):
         d, a, t = cell
@@ -257,7 +246,7 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
         results[(cell, b)] = record
         if root is not None:
             os.makedirs(os.path.dirname(path(cell, b)), exist_ok=True)
-            _atomic_write_json(path(cell, b), record)
+            atomic_write_text(path(cell, b), json.dumps(record))
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ._files import atomic_write, atomic_write_text
 from .data import DIGITS_SPLIT, load_digits
 from .models.digits import (CLASSIFIER_FILE, META_FILE, SCORE_FILE, WEIGHTS_DIR,
                             DigitsClassifier, DigitsEpsNet)
@@ -35,13 +36,6 @@ from .sde import vp_alpha, vp_sigma
 
 T_EPS = 1e-3
 CHECKPOINT_DIR = ".train_checkpoints"  # under --out; removed once the final weights are written
-
-
-def _atomic_write(path: str, write):
-    """write(tmp) then rename over `path`: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class TrainingCheckpoint:
@@ -69,7 +63,7 @@ class TrainingCheckpoint:
     def maybe_save(self, step: int, last: int, **state):
         if self.path is not None and (step % self.every == 0 or step == last):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            _atomic_write(self.path, lambda tmp: torch.save({"config": self.config, "step": step, **state}, tmp))
+            atomic_write(self.path, lambda tmp: torch.save({"config": self.config, "step": step, **state}, tmp))
 
 
 def sample_t(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -294,14 +288,9 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
     os.makedirs(out_dir, exist_ok=True)
     for name, model in ((SCORE_FILE, ema), (CLASSIFIER_FILE, clf)):
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(os.path.join(out_dir, name), lambda tmp: save_file(tensors, tmp))
+        atomic_write(os.path.join(out_dir, name), lambda tmp: save_file(tensors, tmp))
         os.chmod(os.path.join(out_dir, name), 0o644)  # safetensors writes 0600
-
-    def write_meta(tmp):
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-
-    _atomic_write(os.path.join(out_dir, META_FILE), write_meta)
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return meta
 
