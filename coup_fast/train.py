@@ -41,29 +41,40 @@ CHECKPOINT_DIR = ".train_checkpoints"  # under --out; removed once the final wei
 class TrainingCheckpoint:
     """A training loop's whole state every `every` steps, so a killed run resumes where it was.
 
-    The state (weights, optimizer, schedule, data generator, losses) is restored exactly, so a
-    resumed run ends with the same weights, bit for bit, as one that was never interrupted.
-    `config` is stored with it; resuming under another config is refused.
+    The state (the modules, optimizer, schedule, data generator and losses) is restored exactly,
+    so a resumed run ends with the same weights, bit for bit, as one that was never interrupted.
+    `config` is stored with it; resuming under another config is refused.  path=None: no-op.
     """
 
-    def __init__(self, path: str | None, config: dict, every: int = 100):
+    def __init__(self, path: str | None, config: dict, every: int, *, generator, opt, sched, **modules):
         if every < 1:
             raise ValueError(f"checkpoint_every: expected an int >= 1, got {every!r}")
         self.path, self.config, self.every = path, config, every
+        self.generator, self.opt, self.sched, self.modules = generator, opt, sched, modules
 
-    def load(self) -> dict | None:
+    def resume(self) -> tuple[int, list]:
+        """Restore the saved state if there is one: (first step to run, losses so far)."""
         if self.path is None or not os.path.exists(self.path):
-            return None
+            return 0, []
         state = torch.load(self.path, weights_only=True)
         if state["config"] != self.config:
             raise ValueError(f"{self.path}: a checkpoint of another run ({state['config']}, now {self.config}); "
                              "delete it or pass --restart")
-        return state
+        self.generator.set_state(state["generator"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+        return state["step"], list(state["losses"])
 
-    def maybe_save(self, step: int, last: int, **state):
-        if self.path is not None and (step % self.every == 0 or step == last):
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            atomic_write(self.path, lambda tmp: torch.save({"config": self.config, "step": step, **state}, tmp))
+    def maybe_save(self, step: int, last: int, losses: list):
+        if self.path is None or (step % self.every and step != last):
+            return
+        state = {"config": self.config, "step": step, "losses": losses, "generator": self.generator.get_state(),
+                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 **{name: module.state_dict() for name, module in self.modules.items()}}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 
 def sample_t(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -116,8 +127,9 @@ def train_score(net: DigitsEpsNet, x0: torch.Tensor, steps: int, *, batch: int =
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     ema = copy.deepcopy(net).requires_grad_(False)
     ckpt = TrainingCheckpoint(checkpoint, {"model": "score", "steps": steps, "batch": batch, "lr": lr,
-                                           "ema_decay": ema_decay, "seed": seed}, checkpoint_every)
-    start, losses = _resume(ckpt, g, opt, sched, net=net, ema=ema)
+                                           "ema_decay": ema_decay, "seed": seed}, checkpoint_every,
+                              generator=g, opt=opt, sched=sched, net=net, ema=ema)
+    start, losses = ckpt.resume()
     net.train()
     for i in tqdm(range(start, steps), desc="score", disable=not progress, initial=start, total=steps):
         idx = torch.randint(0, x0.shape[0], (batch,), generator=g)
@@ -133,23 +145,9 @@ def train_score(net: DigitsEpsNet, x0: torch.Tensor, steps: int, *, batch: int =
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - d)
         losses.append(loss.item())
-        ckpt.maybe_save(i + 1, steps, generator=g.get_state(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        losses=losses, net=net.state_dict(), ema=ema.state_dict())
+        ckpt.maybe_save(i + 1, steps, losses)
     net.eval()
     return ema.eval(), losses
-
-
-def _resume(ckpt: TrainingCheckpoint, generator, opt, sched, **modules) -> tuple[int, list]:
-    """Restore a loop's state from `ckpt` if it has one: (first step to run, losses so far)."""
-    state = ckpt.load()
-    if state is None:
-        return 0, []
-    generator.set_state(state["generator"])
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    return state["step"], list(state["losses"])
 
 
 def random_shift(u: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -182,8 +180,8 @@ def train_classifier(clf: DigitsClassifier, u: torch.Tensor, y: torch.Tensor, st
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     ckpt = TrainingCheckpoint(checkpoint, {"model": "classifier", "steps": steps, "batch": batch, "lr": lr,
                                            "weight_decay": weight_decay, "shift": shift, "noise": noise,
-                                           "seed": seed}, checkpoint_every)
-    start, losses = _resume(ckpt, g, opt, sched, clf=clf)
+                                           "seed": seed}, checkpoint_every, generator=g, opt=opt, sched=sched, clf=clf)
+    start, losses = ckpt.resume()
     clf.train()
     for i in tqdm(range(start, steps), desc="classifier", disable=not progress, initial=start, total=steps):
         idx = torch.randint(0, u.shape[0], (batch,), generator=g)
@@ -199,8 +197,7 @@ def train_classifier(clf: DigitsClassifier, u: torch.Tensor, y: torch.Tensor, st
         opt.step()
         sched.step()
         losses.append(loss.item())
-        ckpt.maybe_save(i + 1, steps, generator=g.get_state(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        losses=losses, clf=clf.state_dict())
+        ckpt.maybe_save(i + 1, steps, losses)
     clf.eval()
     return losses
 
