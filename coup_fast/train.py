@@ -10,9 +10,10 @@
   Purification only visits t <= t* (0.1 in the paper), so half of each batch draws
   t ~ U(1e-3, 0.2) and half t ~ U(1e-3, 1).  The saved weights are an EMA of the iterates.
 
-Everything is seeded; a few minutes on 2 CPU cores.  An interrupted run resumes when the same
-command is run again (checkpoints in ``OUT/.train_checkpoints``, removed at the end).  Writes ``digits_score.safetensors``,
-``digits_classifier.safetensors`` and ``digits.json`` (configs + measured metrics).
+Everything is seeded; about 12 minutes on 2 CPU cores.  Writes ``digits_score.safetensors``,
+``digits_classifier.safetensors`` and ``digits.json`` (configs + measured metrics).  An interrupted
+run resumes when the same command is run again (checkpoints in ``OUT/.train_checkpoints``,
+removed at the end).
 """
 from __future__ import annotations
 
@@ -254,8 +255,8 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
 
     if only in (None, "score"):
         t0 = time.time()
-        ema, losses = train_score(net, 2 * u_tr - 1, steps, seed=seed + 1, checkpoint=os.path.join(ckpt_dir, "score.pt"),
-                                  **resumable)
+        ema, losses = train_score(net, 2 * u_tr - 1, steps, seed=seed + 1,
+                                  checkpoint=os.path.join(ckpt_dir, "score.pt"), **resumable)
         timing["score_seconds"] = round(time.time() - t0, 1)
         score_train = {"steps": steps, "seed": seed, "batch": 128, "torch": torch.__version__,
                        "final_batch_loss_avg100": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
