@@ -30,7 +30,7 @@ from torch import nn
 from . import write_outputs
 from ..analytic import GaussianMixture
 from ..purify import Noise, Setting, solve
-from ..sde import ReverseGrid, vp_alpha, vp_gamma, vp_sigma
+from ..sde import ReverseGrid, euler_maruyama_step, vp_alpha, vp_gamma, vp_sigma
 
 MEANS = (-0.5, 0.5)
 STD = 1.0
@@ -170,8 +170,8 @@ def quadrature_flip_probability(x_t: float = X_START, t: float = T_STAR, n: int 
 class _PathRecorder(nn.Module):
     """Wraps the score model; with the solve's callback it keeps per-path sup ||x||, ||s|| and ||lam g||.
 
-    lam g is recovered from the step actually taken (x_{k+1} - x_k - beta h (x_k/2 + s) - sqrt(beta h) z_k
-    = beta h lam g), so it is the guidance the engine applied, not a re-derivation.
+    lam g is recovered from the step actually taken (x_{k+1} minus sde.euler_maruyama_step without
+    guidance = beta h lam g), so it is the guidance the engine applied, not a re-derivation.
     """
 
     def __init__(self, score_model, grid: ReverseGrid, noise: torch.Tensor):
@@ -195,7 +195,8 @@ class _PathRecorder(nn.Module):
     def callback(self, info):
         k, x_next = info["k"], info["x"]
         bdt = self.grid.beta_dt(k)
-        lam_g = (x_next - self.x_k - bdt * (0.5 * self.x_k + self.s_k) - math.sqrt(bdt) * self.noise[k]) / bdt
+        unguided = euler_maruyama_step(self.x_k, self.s_k, None, bdt, 0.0, self.noise[k])
+        lam_g = (x_next - unguided) / bdt  # the step taken minus the same step without guidance
         self.sup_g = torch.maximum(self.sup_g, lam_g.norm(dim=1))
         self.sup_x = torch.maximum(self.sup_x, x_next.norm(dim=1))
 
