@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -40,7 +41,7 @@ WARMUP_RUNS = 2  # on a side stream before capture: cuDNN/Triton autotuning, laz
 WARMUP_STEPS = 2  # every step launches the same kernels, so a short loop warms them all
 
 _WARNED: set = set()
-_POOLS: dict = {}
+_POOLS: dict = {}  # device -> (pool handle, WeakSet of the live graphs captured into it)
 _clock = [0]  # counts replays of any graph: a trajectory is valid only while nothing else ran
 
 
@@ -94,11 +95,10 @@ def cuda_capture(run, device):
             for _ in range(WARMUP_RUNS):
                 run(WARMUP_STEPS)
         torch.cuda.current_stream().wait_stream(side)
-        if device not in _POOLS:
-            _POOLS[device] = torch.cuda.graph_pool_handle()
+        pool, members = _shared_pool(device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=_POOLS[device]):
+            with torch.cuda.graph(graph, pool=pool):
                 outputs = run(None)
         except Exception as err:  # the capture is invalidated; eager work is unaffected
             try:
@@ -107,7 +107,22 @@ def cuda_capture(run, device):
                 pass
             cause = err.__context__ if err.__context__ is not None else err
             raise CaptureError(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from err
+        members.add(graph)
     return graph.replay, outputs
+
+
+def _shared_pool(device):
+    """The device's graph memory pool, and the set of live graphs that use it.
+
+    PyTorch retires a pool once every graph captured into it is destroyed, and a later capture
+    that names the retired handle fails an internal assert (CUDACachingAllocator: use_count > 0).
+    So a pool lives as long as one of its graphs does; after clear_cache() (or evicting the last
+    graph) the next capture starts a fresh pool."""
+    pool, members = _POOLS.get(device, (None, None))
+    if pool is None or len(members) == 0:
+        pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
+        _POOLS[device] = (pool, members)
+    return pool, members
 
 
 def eager_capture(run, device):

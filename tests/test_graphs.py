@@ -378,3 +378,25 @@ def test_cuda_uncapturable_model_falls_back_with_warning():
     with torch.no_grad():  # CUDA still works after the failed capture, and the graph engine for other models
         purify(x, score, clf, engine="graph", **KW)
     assert any(isinstance(graphs._CACHE.get(k, None), graphs.GraphEntry) for k in graphs._CACHE.keys())
+
+
+@needs_cuda
+def test_cuda_graph_recaptures_after_clear_cache():
+    """PyTorch retires a graph pool with its last graph (and asserts if a capture names it again), so a
+    capture after clear_cache() must use a fresh pool, also while a tensor of the old pool is alive."""
+    score, clf = _cuda_problem()
+    x = _images(device="cuda")
+    alive = []
+    for seed in range(3):
+        graphs.clear_cache()
+        graphs._WARNED.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and runs eagerly
+            with torch.no_grad():
+                out = purify(x, score, clf, generator=torch.Generator().manual_seed(seed), engine="graph", **KW)
+        (entry,) = [graphs._CACHE.get(k, None) for k in graphs._CACHE.keys()]
+        assert isinstance(entry, graphs.GraphEntry)
+        alive.append(entry.out)  # memory of the pool outlives the graph
+        with torch.no_grad():
+            assert torch.equal(out, purify(x, score, clf, generator=torch.Generator().manual_seed(seed),
+                                           engine="eager", **KW))
