@@ -9,12 +9,8 @@ pytestmark = pytest.mark.skipif(not _ops.load_extension(),
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEED = 987654321987
-# CPU ops compute in float64 and round once; CUDA ops compute in float32.
+# CPU and CUDA ops compute in at::opmath_type: float for float32 tensors, double for float64.
 TOL = {torch.float32: dict(rtol=1e-6, atol=2e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
-def _tol(device, dtype):
-    return TOL[torch.float32] if device == "cuda" else TOL[dtype]
 
 
 def _rng(k, device, seed=SEED):
@@ -33,7 +29,7 @@ def test_philox_normal(device, dtype, k):
     shape = (3, 1, 7, 5)
     z = torch.ops.coup_fast.philox_normal(torch.empty(shape, dtype=dtype, device=device), _rng(k, device))
     want = noise.philox_normal(SEED, k, shape, dtype=dtype, device=device)
-    torch.testing.assert_close(z, want, **_tol(device, dtype))
+    torch.testing.assert_close(z, want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -44,7 +40,7 @@ def test_em_step(device, dtype, with_guidance):
     g = g if with_guidance else None
     out = torch.ops.coup_fast.em_step(x, s, g, _rng(4, device), 0.0217, 1.3)
     z = noise.philox_normal(SEED, 4, x.shape, dtype=dtype, device=device)
-    torch.testing.assert_close(out, sde.euler_maruyama_step(x, s, g, 0.0217, 1.3, z), **_tol(device, dtype))
+    torch.testing.assert_close(out, sde.euler_maruyama_step(x, s, g, 0.0217, 1.3, z), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,7 +48,7 @@ def test_em_step(device, dtype, with_guidance):
 def test_adjoint_update(device, dtype):
     a, v = _states((4, 37), dtype, device, n=2)
     out = torch.ops.coup_fast.adjoint_update(a, v, 0.019)
-    torch.testing.assert_close(out, sde.adjoint_step(a, v, 0.019), **_tol(device, dtype))
+    torch.testing.assert_close(out, sde.adjoint_step(a, v, 0.019), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +70,7 @@ def test_noncontiguous_inputs(device):
     xt, st = x.t(), s.t()  # (10, 6) views, not contiguous
     out = torch.ops.coup_fast.em_step(xt, st, None, _rng(1, device), 0.02, 0.0)
     z = noise.philox_normal(SEED, 1, xt.shape, device=device)
-    torch.testing.assert_close(out, sde.euler_maruyama_step(xt, st, None, 0.02, 0.0, z), **_tol(device, torch.float32))
+    torch.testing.assert_close(out, sde.euler_maruyama_step(xt, st, None, 0.02, 0.0, z), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

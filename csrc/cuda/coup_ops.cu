@@ -5,6 +5,7 @@
 // cuBLAS/cuSPARSE headers): the file then compiles with a bare CUDA toolkit too (tests/test_cuda_compile.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,34 +21,35 @@ constexpr int kThreads = 256;
 
 inline int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
 
-template <typename scalar_t>
+// Maths in at::opmath_type<scalar_t>: float for float/half/bf16 tensors, double for double, as on the CPU.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void em_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
                                const scalar_t* __restrict__ g, const int64_t* __restrict__ rng,
-                               scalar_t* __restrict__ out, int64_t n, float beta_dt, float lam) {
+                               scalar_t* __restrict__ out, int64_t n, acc_t beta_dt, acc_t lam, acc_t sqrt_beta_dt) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]) * static_cast<uint64_t>(n) + static_cast<uint64_t>(i);
-  const float z = philox_normal<float>(seed, offset);
-  const float gi = g ? static_cast<float>(g[i]) : 0.f;
-  out[i] = static_cast<scalar_t>(em_update<float>(static_cast<float>(x[i]), static_cast<float>(s[i]), gi, z,
-                                                  beta_dt, lam, sqrtf(beta_dt)));
+  const acc_t z = philox_normal<acc_t>(seed, offset);
+  const acc_t gi = g ? static_cast<acc_t>(g[i]) : acc_t(0);
+  out[i] = static_cast<scalar_t>(em_update<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(s[i]), gi, z,
+                                                  beta_dt, lam, sqrt_beta_dt));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void philox_normal_kernel(const int64_t* __restrict__ rng, scalar_t* __restrict__ out, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const uint64_t offset = static_cast<uint64_t>(rng[1]) * static_cast<uint64_t>(n) + static_cast<uint64_t>(i);
-  out[i] = static_cast<scalar_t>(philox_normal<float>(static_cast<uint64_t>(rng[0]), offset));
+  out[i] = static_cast<scalar_t>(philox_normal<acc_t>(static_cast<uint64_t>(rng[0]), offset));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void adjoint_update_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ v,
-                                      scalar_t* __restrict__ out, int64_t n, float beta_dt) {
+                                      scalar_t* __restrict__ out, int64_t n, acc_t beta_dt) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  out[i] = static_cast<scalar_t>(adjoint_update<float>(static_cast<float>(a[i]), static_cast<float>(v[i]), beta_dt));
+  out[i] = static_cast<scalar_t>(adjoint_update<acc_t>(static_cast<acc_t>(a[i]), static_cast<acc_t>(v[i]), beta_dt));
 }
 
 }  // namespace
@@ -71,9 +73,11 @@ at::Tensor em_step_cuda(const at::Tensor& x, const at::Tensor& score, const std:
   const int64_t n = xc.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "em_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     em_step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         xc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), gc.defined() ? gc.data_ptr<scalar_t>() : nullptr,
-        rc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n, static_cast<float>(beta_dt), static_cast<float>(lam));
+        rc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n, static_cast<acc_t>(beta_dt), static_cast<acc_t>(lam),
+        static_cast<acc_t>(std::sqrt(beta_dt)));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -105,8 +109,9 @@ at::Tensor adjoint_update_cuda(const at::Tensor& a, const at::Tensor& vjp, doubl
   const int64_t n = ac.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adjoint_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     adjoint_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ac.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, static_cast<float>(beta_dt));
+        ac.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, static_cast<acc_t>(beta_dt));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
