@@ -10,11 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .em_step import _CONFIGS, _acc, _check_like, _launch
+from .em_step import _CONFIGS, _acc, _check_like, _join, _launch, split
 
 
 @triton.jit
-def _adjoint_update_kernel(a_ptr, v_ptr, out_ptr, n, beta_dt, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _adjoint_update_kernel(a_ptr, v_ptr, out_ptr, n, beta_hi, beta_lo, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    beta_dt = _join(beta_hi, beta_lo, ACC)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -33,7 +34,7 @@ def _adjoint_update_op(a: torch.Tensor, vjp: torch.Tensor, beta_dt: float) -> to
     out = torch.empty_like(ac)
     n = ac.numel()
     if n:
-        _launch(_adjoint_update_kernel, _adjoint_update_tuned, n, ac, vc, out, n, float(beta_dt), ACC=_acc(ac))
+        _launch(_adjoint_update_kernel, _adjoint_update_tuned, n, ac, vc, out, n, *split(beta_dt), ACC=_acc(ac))
     return out
 
 

@@ -60,8 +60,15 @@ def _philox_normal(seed, offset, ACC: tl.constexpr):
 
 
 @triton.jit
-def _em_step_kernel(x_ptr, s_ptr, g_ptr, rng_ptr, out_ptr, n, beta_dt, sqrt_beta_dt, lam,
+def _join(hi, lo, ACC: tl.constexpr):
+    """A scalar passed as two fp32 halves (see `split`), rebuilt in ACC."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _em_step_kernel(x_ptr, s_ptr, g_ptr, rng_ptr, out_ptr, n, beta_hi, beta_lo, sqrt_hi, sqrt_lo, lam_hi, lam_lo,
                     HAS_GUIDANCE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    beta_dt, sqrt_beta_dt, lam = _join(beta_hi, beta_lo, ACC), _join(sqrt_hi, sqrt_lo, ACC), _join(lam_hi, lam_lo, ACC)
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: states beyond 2^31 elements stay correct
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -86,6 +93,13 @@ def _philox_normal_kernel(rng_ptr, out_ptr, n, ACC: tl.constexpr, BLOCK: tl.cons
 
 _em_step_tuned = triton.autotune(_CONFIGS, key=["n", "HAS_GUIDANCE", "ACC"])(_em_step_kernel)
 _philox_normal_tuned = triton.autotune(_CONFIGS, key=["n", "ACC"])(_philox_normal_kernel)
+
+
+def split(value: float) -> tuple:
+    """value as (hi, lo) fp32 with hi + lo = value to ~2^-48 relative.  Triton passes Python floats
+    as fp32 scalars; fp64 states need their step sizes in fp64 (hi + lo is exactly hi in fp32 maths)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def _acc(t: torch.Tensor):
@@ -124,8 +138,8 @@ def _em_step_op(x: torch.Tensor, score: torch.Tensor, guidance: torch.Tensor | N
     out = torch.empty_like(xc)
     n = xc.numel()
     if n:
-        _launch(_em_step_kernel, _em_step_tuned, n, xc, sc, gc, rc, out, n, float(beta_dt),
-                math.sqrt(beta_dt), float(lam), HAS_GUIDANCE=guidance is not None, ACC=_acc(xc))
+        _launch(_em_step_kernel, _em_step_tuned, n, xc, sc, gc, rc, out, n, *split(beta_dt), *split(math.sqrt(beta_dt)),
+                *split(lam), HAS_GUIDANCE=guidance is not None, ACC=_acc(xc))
     return out
 
 
