@@ -268,7 +268,7 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact", memory="lean", engine="eager"):
+           gradient="exact", memory="lean", engine="auto"):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -281,8 +281,9 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     (the paper's code: guidance constant in the backward pass).  memory: 'lean' (exact gradient
     stores the trajectory and recomputes one step's graph at a time) or 'fast' (keeps every
     step's graph: no recompute, N steps of activations).
-    engine: 'eager' (default), 'graph' or 'auto' (CUDA graphs for CUDA tensors, coup_fast.graphs; not
-    yet validated on a GPU, hence opt-in).
+    engine: 'auto' (default: CUDA tensors run the CUDA-graph engine, coup_fast.graphs, bitwise equal
+    to the eager one; models that cannot be captured fall back to eager with a warning), 'eager' or
+    'graph' (as 'auto', and warns when the call cannot use graphs, e.g. CPU tensors).
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
