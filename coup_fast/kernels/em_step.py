@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import torch
 import triton
@@ -98,8 +99,14 @@ _philox_normal_tuned = triton.autotune(_CONFIGS, key=["n", "ACC"])(_philox_norma
 def split(value: float) -> tuple:
     """value as (hi, lo) fp32 with hi + lo = value to ~2^-48 relative.  Triton passes Python floats
     as fp32 scalars; fp64 states need their step sizes in fp64 (hi + lo is exactly hi in fp32 maths)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_fp32(value)
+    return hi, _to_fp32(value - hi)
+
+
+def _to_fp32(value: float) -> float:
+    if abs(value) >= 3.4e38:  # beyond fp32 (struct refuses): Triton makes it inf, as before
+        return value
+    return struct.unpack("f", struct.pack("f", value))[0]  # per step on the host: no tensor round trip
 
 
 def _acc(t: torch.Tensor):
