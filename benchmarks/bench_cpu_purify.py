@@ -7,12 +7,15 @@ weights of the same architecture when the trained weights are absent (speed does
 them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
 
 * purification, images/s: `purify` (no grad) vs torchsde `sdeint` (Euler, BrownianInterval), and
-  "networks": the N score and guidance calls alone, the floor no engine can beat with these networks.
+  "networks": the N eager score and guidance calls alone, the floor no engine can beat without
+  changing how the networks execute (engine='compile' changes it).
 * image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint) vs DiffPure-style
   `sdeint_adjoint` (score-net parameters trainable, hence adjoint parameters: adjoint_params=None)
   and a tuned `sdeint_adjoint` (adjoint_params=()).
+* engine='compile': the same purification and exact gradients with the step's network calls
+  compiled (coup_fast.compiled); compilation happens in the uncounted warm-up round.
 * peak memory: growth of a fresh child process's peak RSS over one call, after a one-step call at
-  B = 1 has done the libraries' one-time set-up (see _harness.py),
+  B = 1 (at the measured B for the compiled engine) has done the libraries' one-time set-up (see _harness.py),
   and a table over N for the exact gradient against plain autograd through the loop.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 
 from benchmarks import _harness as H
 
-METHODS = ("purify", "torchsde", "networks", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
+METHODS = ("purify", "purify-compiled", "torchsde", "networks", "exact", "exact-fast", "exact-compiled",
+           "exact-compiled-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
 LAM = 1.0
 
 
@@ -71,10 +75,12 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
                              adjoint_params=adjoint_params)
         return torch.autograd.grad(out, state, w)[0] if adjoint else out
 
-    if method == "purify":
+    if method in ("purify", "purify-compiled"):
+        engine = "compile" if method == "purify-compiled" else "auto"
+
         def fn():
             with torch.no_grad():
-                return purify(x, score, clf, **kw)
+                return purify(x, score, clf, engine=engine, **kw)
     elif method == "networks":  # the networks' calls of a guided solve and nothing else: no engine is faster
         from coup_fast.purify import drift_terms
 
@@ -87,9 +93,10 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
         def fn():
             with torch.no_grad():
                 return torchsde_run(False)
-    elif method in ("exact", "exact-fast", "unrolled"):
+    elif method in ("exact", "exact-fast", "exact-compiled", "exact-compiled-fast", "unrolled"):
         run = purify_unrolled if method == "unrolled" else purify
-        extra = {"memory": "fast"} if method == "exact-fast" else {}
+        extra = {"exact-fast": {"memory": "fast"}, "exact-compiled": {"engine": "compile"},
+                 "exact-compiled-fast": {"engine": "compile", "memory": "fast"}}.get(method, {})
 
         def fn():
             xr = x.clone().requires_grad_(True)
@@ -113,7 +120,10 @@ def run_case(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     models = case.get("models", "digits")
     if "method" in case:
-        _case_fn(case["method"], 1, 1e-3, models)[1]()  # one step at B = 1: one-time library set-up, not counted
+        # One step: the libraries' one-time set-up, not counted.  At B = 1, except for the compiled
+        # engine, whose one-time set-up (compiling for this batch shape) needs the measured batch.
+        warm_batch = case["batch"] if "compiled" in case["method"] else 1
+        _case_fn(case["method"], warm_batch, 1e-3, models)[1]()
         source, fn = _case_fn(case["method"], case["batch"], case["t_star"], models)
         return {"peak_mib": H.peak_growth(fn) / 2**20, "source": source}
     # Timing: all methods in one process, interleaved A B C A B C ..., fastest run each: on a
@@ -139,7 +149,8 @@ def main(args):
         return H.run_child(child, case)["peak_mib"]
 
     rows, info = [], None
-    methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint")
+    methods = ("purify", "purify-compiled", "torchsde", "exact", "exact-fast", "exact-compiled", "exact-compiled-fast",
+               "diffpure-adjoint", "tuned-adjoint")
     for batch in batches:
         info = timed(methods + ("networks",), batch)
         sec = info["seconds"]
@@ -151,6 +162,10 @@ def main(args):
             "grad_tuned": batch / sec["tuned-adjoint"],
             "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
             "grad_fast": batch / sec["exact-fast"], "xf_diffpure": sec["diffpure-adjoint"] / sec["exact-fast"],
+            "pur_compiled": batch / sec["purify-compiled"], "pur_cx": sec["torchsde"] / sec["purify-compiled"],
+            "grad_compiled": batch / sec["exact-compiled"], "xc_diffpure": sec["diffpure-adjoint"] / sec["exact-compiled"],
+            "grad_cfast": batch / sec["exact-compiled-fast"],
+            "xcf_diffpure": sec["diffpure-adjoint"] / sec["exact-compiled-fast"],
             **{f"mem_{m}": peak(m, batch, t_star) for m in methods},
         })
     print(f"device: {info['device']}; models: {info['source']}; t* = {t_star}, lam = {LAM}, mode coup")
@@ -161,9 +176,15 @@ def main(args):
                          ("xf_diffpure", "x DiffPure")]))
     print("x ceiling = sdeint / (the networks' calls alone): the most any engine can gain without touching the networks")
     print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
+    print("\nengine='compile' (networks, guidance and Hessian-vector products as torch.compile'd functions; "
+          "compile time not counted: it is the warm-up round)")
+    print(H.table(rows, [("batch", "B"), ("pur_compiled", "purify"), ("pur_cx", "x sdeint"),
+                         ("grad_compiled", "exact grad"), ("xc_diffpure", "x DiffPure"),
+                         ("grad_cfast", "exact grad fast"), ("xcf_diffpure", "x DiffPure")]))
     print("\npeak RSS growth of one call (MiB)")
     print(H.table(rows, [("batch", "B"), ("mem_purify", "purify"), ("mem_torchsde", "sdeint"),
                          ("mem_exact", "exact grad"), ("mem_exact-fast", "exact fast"),
+                         ("mem_exact-compiled", "compiled"), ("mem_exact-compiled-fast", "compiled fast"),
                          ("mem_diffpure-adjoint", "DiffPure adj"),
                          ("mem_tuned-adjoint", "tuned adj")]))
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, fields
 
 from .attacks import ATTACKS, NORMS, AttackSettings
+from .graphs import ENGINES
 from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense
 
 DATASETS = ("digits", "cifar10")
@@ -74,6 +75,7 @@ class EvalConfig:
     lam: float = 1.0
     dt: float | None = None
     gradient: str = "exact"                 # attacker gradient of defenses without @gradient
+    engine: str = "auto"                    # purify's engine (not in the resume hash: engines agree to round-off)
     n_iter: int | None = None               # APGD iterations
     eot: int | None = None                  # AutoAttack-rand EOT samples
     n_restarts: int = 1
@@ -141,6 +143,8 @@ def validate(cfg: EvalConfig) -> EvalConfig:
             raise ConfigError("threats", f"unknown threat model {t!r}; expected one of {NORMS}")
     if cfg.gradient not in ATTACK_GRADIENTS:
         raise ConfigError("gradient", f"expected one of {ATTACK_GRADIENTS}, got {cfg.gradient!r}")
+    if cfg.engine not in ENGINES:
+        raise ConfigError("engine", f"expected one of {ENGINES}, got {cfg.engine!r}")
     for spec in cfg.defenses:
         try:
             Defense.parse(spec)
@@ -279,7 +283,7 @@ def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
         per_threat = {}
         for threat in cfg.threats:
             d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient)
-            per_threat[threat] = build_defense(d, score_model, classifier)
+            per_threat[threat] = build_defense(d, score_model, classifier, engine=cfg.engine)
             # The bare classifier does not depend on the purifier settings.
             specs.setdefault(d.label, {})[threat] = {"name": "none"} if d.name == "none" else dataclasses.asdict(d)
         models[d.label] = per_threat
@@ -296,6 +300,7 @@ def add_eval_parser(subparsers):
     helps = {"defenses": f"comma list of {DEFENSES}, each optionally @gradient ({ATTACK_GRADIENTS})",
              "attacks": f"comma list of {ATTACKS}", "threats": f"comma list of {NORMS}",
              "data": f"one of {DATASETS}", "gradient": f"attacker gradient, one of {ATTACK_GRADIENTS}",
+             "engine": f"purify's engine, one of {ENGINES} ('compile': torch.compile'd steps, the CPU's fast path)",
              "n_eval": "R: purifications of each final adversarial batch (mean and worst case)",
              "out": "output directory (per-batch results, results.json/.md/.csv)"}
     for f in fields(EvalConfig):

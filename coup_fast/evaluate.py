@@ -66,13 +66,13 @@ class Defense:
         return Defense(name, gradient=gradient, **settings)
 
 
-def build_defense(defense: Defense, score_model, classifier):
-    """The model a Defense stands for: the bare classifier, or classifier(purify(x))."""
+def build_defense(defense: Defense, score_model, classifier, engine: str = "auto"):
+    """The model a Defense stands for: the bare classifier, or classifier(purify(x)) on `engine`."""
     if defense.name == "none":
         return classifier
     assert defense.gradient in GRADIENTS
     return PurifiedClassifier(score_model, classifier, t_star=defense.t_star, lam=defense.lam, dt=defense.dt,
-                              mode=MODE[defense.name], gradient=defense.gradient)
+                              mode=MODE[defense.name], gradient=defense.gradient, engine=engine)
 
 
 def is_randomized(model) -> bool:

@@ -35,7 +35,7 @@ from .precision import backend_flags
 from .purify import adjoint_solve, solve
 from .sde import ReverseGrid, diffuse
 
-ENGINES = ("auto", "eager", "graph")
+ENGINES = ("auto", "eager", "graph", "compile")
 CACHE_SIZE = int(os.environ.get("COUP_FAST_GRAPH_CACHE", "8"))
 WARMUP_RUNS = 2  # on a side stream before capture: cuDNN/Triton autotuning, lazy autograd state
 WARMUP_STEPS = 2  # every step launches the same kernels, so a short loop warms them all
@@ -74,7 +74,7 @@ def unsupported(x, noise=None, gradient="exact") -> str | None:
 def use_graph(engine, x, noise=None, gradient="exact") -> bool:
     """True when `purify` should run on the graph engine: 'auto' on CUDA, or 'graph' where it can."""
     check_engine(engine)
-    if engine == "eager":
+    if engine in ("eager", "compile"):
         return False
     reason = unsupported(x, noise, gradient)
     if reason is not None and engine == "graph":

@@ -5,7 +5,8 @@ Knobs (`Precision`):
 - compute='tf32': fp32 tensors, TF32 tensor-core matmuls/convs (10-bit mantissa products).
 - compute='bf16': the networks run under torch.autocast(bfloat16); their outputs are cast back to fp32.
 - channels_last: NHWC activations and weights (faster convs on tensor cores).
-- compile: torch.compile the networks (no double backward: exact gradients with lam > 0 need eager nets).
+- compile: torch.compile the networks (no double backward: exact gradients with lam > 0 need eager nets;
+  purify(engine='compile') compiles the whole step with torch.func instead, double backward included).
 
 TF32 is a global backend flag that cuDNN reads when a kernel runs, including the backward
 kernels autograd launches outside the network's forward, so wrap the whole purification

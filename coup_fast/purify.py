@@ -137,26 +137,30 @@ def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_grap
 
 
 def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create_graph=False, trajectory=None,
-          keep_graphs=None, callback=None):
+          keep_graphs=None, callback=None, nets=None):
     """Run the guided reverse SDE from t* to 0 on states x in [-1, 1] (Eq. 5, Euler-Maruyama).
 
     With create_graph=True every step stays on the autograd tape (the unrolled reference);
     otherwise the caller runs it under no_grad.  `trajectory`, a list, receives x_0 .. x_{N-1}.
     keep_graphs ('score' or 'hessian') makes `trajectory` receive each step's network graph
     instead (a KeptStep; 'hessian' keeps the guidance differentiable), for the memory='fast'
-    adjoint.  `callback({'k', 't', 'x'})` is called after each step.
+    adjoint.  `callback({'k', 't', 'x'})` is called after each step.  `nets`: a
+    compiled.CompiledNetworks to call instead of the eager networks (not with create_graph).
     """
     grid = setting.grid
     for k in range(grid.n_steps):
         t_k = grid.t(k)
         if keep_graphs:
-            kept = KeptStep.record(x, t_k, score_model, classifier, setting.lam, keep_graphs == "hessian")
+            kept = KeptStep.record(x, t_k, score_model, classifier, setting.lam, keep_graphs == "hessian", nets)
             trajectory.append(kept)
             score, guidance = kept.drift_terms()
         else:
             if trajectory is not None:
                 trajectory.append(x)
-            score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
+            if nets is not None and not create_graph:
+                score, guidance = nets.drift_terms(x, _time(x, t_k))
+            else:
+                score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
         if callback is not None:
             callback({"k": k, "t": t_k, "x": x})
@@ -172,10 +176,13 @@ class KeptStep:
     guidance: torch.Tensor | None
 
     @classmethod
-    def record(cls, x, t, score_model, classifier, lam, with_hessian):
+    def record(cls, x, t, score_model, classifier, lam, with_hessian, nets=None):
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            score, guidance = drift_terms(leaf, t, score_model, classifier, lam, create_graph=with_hessian)
+            if nets is not None:  # compiled: vjp() runs the compiled backward of the whole drift
+                score, guidance = nets.drift(leaf, _time(leaf, t))
+            else:
+                score, guidance = drift_terms(leaf, t, score_model, classifier, lam, create_graph=with_hessian)
         return cls(leaf, score, guidance)
 
     def drift_terms(self):
@@ -202,16 +209,20 @@ def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hess
     return vjp
 
 
-def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with_hessian: bool, steps=None):
+def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with_hessian: bool, steps=None,
+                  nets=None):
     """The discrete adjoint: from a = dL/dx_N walk k = N-1..0 over the stored states x_k.
 
     a_k = a_{k+1} + beta_k h (a_{k+1}/2 + J_s^T a_{k+1} + lam H a_{k+1}); returns dL/dx_0
-    (or the adjoint after the first `steps` backward steps, for warm-ups).
+    (or the adjoint after the first `steps` backward steps, for warm-ups).  `nets`: compiled
+    networks to call for the VJPs (compiled.CompiledNetworks), or None for eager ones.
     """
     grid, lam = setting.grid, setting.lam
     for k in list(reversed(range(grid.n_steps)))[:steps]:
         if isinstance(trajectory[k], KeptStep):
             vjp = trajectory[k].vjp(a, lam, with_hessian)
+        elif nets is not None:
+            vjp = nets.vjp(trajectory[k], a, _time(a, grid.t(k)), with_hessian)
         else:
             vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
         a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
@@ -227,16 +238,17 @@ class _ExactSolve(torch.autograd.Function):
     detached-guidance gradient."""
 
     @staticmethod
-    def forward(ctx, x, score_model, classifier, setting, source, with_hessian, memory):
+    def forward(ctx, x, score_model, classifier, setting, source, with_hessian, memory, nets):
         trajectory = []
         keep = ("hessian" if with_hessian else "score") if memory == "fast" else None
         with torch.no_grad():
-            out = solve(x, score_model, classifier, setting, source, trajectory=trajectory, keep_graphs=keep)
+            out = solve(x, score_model, classifier, setting, source, trajectory=trajectory, keep_graphs=keep,
+                        nets=nets)
         if keep:
             ctx.kept = trajectory
         else:
             ctx.save_for_backward(*trajectory)
-        ctx.models, ctx.setting, ctx.with_hessian = (score_model, classifier), setting, with_hessian
+        ctx.models, ctx.setting, ctx.with_hessian, ctx.nets = (score_model, classifier), setting, with_hessian, nets
         return out
 
     @staticmethod
@@ -244,16 +256,16 @@ class _ExactSolve(torch.autograd.Function):
     def backward(ctx, grad_out):
         # unpack once: each access of saved_tensors unpacks (and version-checks) all N
         trajectory = ctx.kept if hasattr(ctx, "kept") else ctx.saved_tensors
-        a = adjoint_solve(trajectory, grad_out.contiguous(), *ctx.models, ctx.setting, ctx.with_hessian)
-        return a, None, None, None, None, None, None
+        a = adjoint_solve(trajectory, grad_out.contiguous(), *ctx.models, ctx.setting, ctx.with_hessian, nets=ctx.nets)
+        return a, None, None, None, None, None, None, None
 
 
 def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gradient: str = "exact",
-                 memory: str = "lean"):
+                 memory: str = "lean", nets=None):
     """The purifier on states in [-1, 1]: start point (mode), solve, gradient method."""
     if gradient == "bpda":  # straight-through: forward as usual, identity Jacobian
         with torch.no_grad():
-            out = purify_state(x, score_model, classifier, setting, source)
+            out = purify_state(x, score_model, classifier, setting, source, nets=nets)
         return x + (out - x).detach()
     if setting.mode == "diffpure":
         x = diffuse(x, setting.grid.t_star, source.diffusion_eps(x))
@@ -263,8 +275,8 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
         return solve_torchsde(x, score_model, classifier, setting, source.step_noise(x, setting), adjoint=True)
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
-            return solve(x, score_model, classifier, setting, source)
-    return _ExactSolve.apply(x, score_model, classifier, setting, source, gradient == "exact", memory)
+            return solve(x, score_model, classifier, setting, source, nets=nets)
+    return _ExactSolve.apply(x, score_model, classifier, setting, source, gradient == "exact", memory, nets)
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
@@ -283,7 +295,10 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     step's graph: no recompute, N steps of activations).
     engine: 'auto' (default: CUDA tensors run the CUDA-graph engine, coup_fast.graphs, bitwise equal
     to the eager one; models that cannot be captured fall back to eager with a warning), 'eager' or
-    'graph' (as 'auto', and warns when the call cannot use graphs, e.g. CPU tensors).
+    'graph' (as 'auto', and warns when the call cannot use graphs, e.g. CPU tensors), or 'compile'
+    (any device: each step's network calls, guidance and the adjoint's Hessian-vector product
+    included, run as torch.compile'd functions, coup_fast.compiled; the first call per model pair
+    and shape compiles for tens of seconds).
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
@@ -296,8 +311,13 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
         if out is not None:
             return out
     # --- end of engine hook ---
+    nets = None
+    if engine == "compile":
+        from .compiled import compiled_networks
+
+        nets = compiled_networks(score_model, classifier, setting.lam)
     source = Noise(x, setting, noise, generator)
-    out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient, memory)
+    out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient, memory, nets)
     return state_to_image(out).clamp(0.0, 1.0)
 
 
@@ -313,6 +333,10 @@ class PurifiedClassifier(nn.Module):
         self.purify_kwargs = purify_kwargs
         if "gradient" in purify_kwargs and purify_kwargs["gradient"] not in GRADIENTS:
             raise ValueError(f"gradient: expected one of {GRADIENTS}, got {purify_kwargs['gradient']!r}")
+        if "engine" in purify_kwargs:
+            from .graphs import check_engine
+
+            check_engine(purify_kwargs["engine"])
 
     def purify(self, x):
         return purify(x, self.score_model, self.classifier, **self.purify_kwargs)

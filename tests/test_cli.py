@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coup_fast.cli import ConfigError, EvalConfig, build_parser, config_from_args, main, validate
+from coup_fast.cli import ConfigError, EvalConfig, build_models, build_parser, config_from_args, main, validate
 
 
 def _cfg(argv):
@@ -33,6 +33,7 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
     (["--threats", "L1"], "threats"),
     (["--defenses", "coup,adv"], "defenses"),
     (["--gradient", "bpda"], "gradient"),
+    (["--engine", "jit"], "engine"),
     (["--n-iter", "0"], "n_iter"),
     (["--dt", "0.5"], "dt"),
     (["--data", "mnist"], "data"),
@@ -43,6 +44,16 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
 def test_bad_settings_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         validate(_cfg(argv))
+
+
+def test_engine_reaches_every_purifier():
+    from torch import nn
+
+    cfg = validate(_cfg(["--engine", "compile", "--defenses", "none,coup,diffpure"]))
+    models, _ = build_models(cfg, nn.Identity(), nn.Identity())
+    purifiers = [m for per_threat in models.values() for m in per_threat.values() if hasattr(m, "purify_kwargs")]
+    assert len(purifiers) == 2 * len(cfg.threats)
+    assert all(m.purify_kwargs["engine"] == "compile" for m in purifiers)
 
 
 def test_main_fails_before_any_work(tmp_path, capsys):
