@@ -42,7 +42,8 @@ from coup_fast.score import score_sde_continuous
 from coup_fast.sde import ReverseGrid
 
 ARCHES = ("digits", "cifar", "cifar-small")
-ENGINES = ("torchsde", "eager", "graph")
+ENGINES = ("torchsde", "eager", "graph", "compile")
+DEFAULT_ENGINES = ("torchsde", "eager", "graph")  # 'compile' costs 20-90 s of compilation per row and batch
 KNOBS = {  # name -> Precision
     "fp32": Precision("fp32"),
     "tf32": Precision("tf32"),
@@ -268,19 +269,22 @@ def providers(args, score, clf, device):
         fp32 = KNOBS["fp32"]
         rows.append(("torchsde", "fp32", ref_purify, _grad(reference(None), _Trainable(score, clf)), fp32))
         rows.append(("torchsde-frozen", "fp32", None, _grad(reference(()), None), fp32))
-    for engine in ("eager", "graph"):
+    for engine in ("eager", "graph", "compile"):
         if engine not in args.engines:
             continue
         if engine == "graph" and device.type != "cuda":
             continue
         for knob in args.knobs:
             prec = KNOBS[knob]
+            if engine == "compile" and prec.compile:  # the engine compiles the whole step itself
+                continue
             s, c = prepare(score, prec), prepare(clf, prec)
 
             def run(x, gen, noise, s=s, c=c, engine=engine):
                 return purify(x, s, c, generator=gen, engine=engine, **kw)
 
-            with_grad = not (prec.compile and args.lam > 0)  # no double backward through compiled nets
+            # no double backward through compiled nets; engine='compile' differentiates inside the compiled step
+            with_grad = not (prec.compile and args.lam > 0)
             rows.append((engine, knob, _no_grad(run), _grad(run, None) if with_grad else None, prec))
     return rows
 
@@ -317,7 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None,
                    help="comma-separated batch sizes (default: 1,8,64,512 on GPU, 1,8,32 on CPU)")
     p.add_argument("--knobs", default=None, help=f"comma-separated precision knobs from {list(KNOBS)}")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {ENGINES}")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated, from {ENGINES} (default {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--compile", action="store_true", help="add the bf16+compile knob (purification only when lam > 0)")
     p.add_argument("--t-star", type=float, default=0.1)
     p.add_argument("--dt", type=float, default=1e-3)
@@ -393,7 +398,8 @@ def run_benchmark(args) -> dict:
                 call = (lambda fn=fn: fn(x, gen, None)) if what == "purify" else (lambda fn=fn: fn(x, v, gen, None))
                 try:
                     with precision_context(prec, device.type):
-                        m = measure(call, device, args.repeat, args.budget, reuse_warmup=engine != "graph")
+                        m = measure(call, device, args.repeat, args.budget,
+                                    reuse_warmup=engine not in ("graph", "compile"))  # their warm-up captures/compiles
                 except torch.cuda.OutOfMemoryError:
                     row[what] = {"per_s": None, "notes": ["out of memory"]}
                     graphs.clear_cache()

@@ -70,3 +70,17 @@ def test_compiled_engine_follows_in_place_weight_changes(problem):
         assert (after - before).abs().max() > 1e-6
     finally:
         clf.fc.weight.copy_(saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (inductor's Triton code path)")
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+def test_compiled_engine_on_cuda_matches_eager(memory):
+    score, clf = neural_problem(dtype=torch.float32)
+    score, clf = score.cuda(), clf.cuda()
+    x = 0.2 + 0.6 * torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(7), device="cpu").cuda()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    kw = dict(t_star=T_STAR, dt=DT, lam=LAM, memory=memory)
+    runs = [_out_grad(lambda v: purify(v, score, clf, generator=torch.Generator().manual_seed(5), engine=e, **kw),
+                      x, upstream) for e in ("eager", "compile")]
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+    assert ((runs[1][1] - runs[0][1]).norm() / runs[0][1].norm()).item() <= 1e-4
