@@ -61,3 +61,16 @@ def neural_problem(dtype=torch.float32, seed: int = 0, channels: int = 1, size: 
     for p in list(score.parameters()) + list(clf.parameters()):
         p.requires_grad_(False)
     return score, clf
+
+
+def step_noise(n_draws: int, shape, seed: int = 3, dtype=torch.float64) -> torch.Tensor:
+    """n_draws seeded standard-normal tensors of `shape`, stacked: an explicit `noise=` for purify."""
+    return torch.randn(n_draws, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def out_and_grad(fn, x, upstream):
+    """(fn(x) detached, d<upstream, fn(x)>/dx) by plain autograd."""
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    return out.detach(), grad

@@ -10,7 +10,7 @@ import torch
 from coup_fast import purify
 from coup_fast.compiled import compiled_networks
 from coup_fast.reference import purify_unrolled
-from problems import neural_problem
+from problems import neural_problem, out_and_grad, step_noise
 
 F64 = torch.float64
 T_STAR, DT, LAM = 0.015, 0.005, 2.0  # 3 steps
@@ -24,16 +24,8 @@ def problem():
     return score, clf, x, upstream
 
 
-def _out_grad(fn, x, upstream):
-    x = x.clone().requires_grad_(True)
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x, upstream)
-    return out.detach(), grad
-
-
 def _noise(mode, shape):
-    n = round(T_STAR / DT) + (mode == "diffpure")
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    return step_noise(round(T_STAR / DT) + (mode == "diffpure"), shape, seed=3)
 
 
 @pytest.mark.parametrize("mode,gradient,memory", [("coup", "exact", "lean"), ("coup", "exact", "fast"),
@@ -42,8 +34,8 @@ def _noise(mode, shape):
 def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memory):
     score, clf, x, upstream = problem
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM, mode=mode, noise=_noise(mode, x.shape), gradient=gradient)
-    out, grad = _out_grad(lambda v: purify(v, score, clf, engine="compile", memory=memory, **kw), x, upstream)
-    ref_out, ref_grad = _out_grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
+    out, grad = out_and_grad(lambda v: purify(v, score, clf, engine="compile", memory=memory, **kw), x, upstream)
+    ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
 
@@ -51,7 +43,7 @@ def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memor
 def test_compiled_engine_seeded_noise_matches_eager_and_reuses_compilation(problem):
     score, clf, x, upstream = problem
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM)
-    runs = [_out_grad(lambda v: purify(v, score, clf, generator=torch.Generator().manual_seed(5), engine=e, **kw),
+    runs = [out_and_grad(lambda v: purify(v, score, clf, generator=torch.Generator().manual_seed(5), engine=e, **kw),
                       x, upstream) for e in ("eager", "compile")]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-9, atol=1e-12)
@@ -80,7 +72,7 @@ def test_compiled_engine_on_cuda_matches_eager(memory):
     x = 0.2 + 0.6 * torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(7), device="cpu").cuda()
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM, memory=memory)
-    runs = [_out_grad(lambda v: purify(v, score, clf, generator=torch.Generator().manual_seed(5), engine=e, **kw),
+    runs = [out_and_grad(lambda v: purify(v, score, clf, generator=torch.Generator().manual_seed(5), engine=e, **kw),
                       x, upstream) for e in ("eager", "compile")]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
     assert ((runs[1][1] - runs[0][1]).norm() / runs[0][1].norm()).item() <= 1e-4

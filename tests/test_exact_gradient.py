@@ -10,7 +10,7 @@ from coup_fast import purify
 from coup_fast.noise import draw_seed
 from coup_fast.reference import purify_unrolled
 from coup_fast.sde import ReverseGrid
-from problems import analytic_problem, neural_problem
+from problems import analytic_problem, neural_problem, out_and_grad, step_noise
 
 F64 = torch.float64
 T_STAR, DT, LAM = 0.02, 0.005, 2.0  # 4 steps: short enough for gradcheck, long enough to chain adjoint steps
@@ -29,15 +29,10 @@ def _problem(kind):
 
 
 def _noise(mode, shape, seed=3):
-    n = round(T_STAR / DT) + (mode == "diffpure")
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return step_noise(round(T_STAR / DT) + (mode == "diffpure"), shape, seed=seed)
 
 
-def _grad(fn, x, upstream):
-    x = x.clone().requires_grad_(True)
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x, upstream)
-    return out.detach(), grad
+_grad = out_and_grad
 
 
 def _rel(a, b):
