@@ -15,60 +15,84 @@ the eager engine's (`purify.drift_terms`, `purify.adjoint_vjp`), with the pure-t
 memory='fast' calls drift with grad enabled and keeps its graph: AOTAutograd then compiles the
 drift's backward too (guidance's double backward included), and a step's VJP is that backward.
 
-The first call per (models, lam, shape, dtype) compiles (tens of seconds on a CPU); later calls
+The first call per (models, shape, dtype, grad mode) compiles (tens of seconds on a CPU); later calls
 reuse it.  Models must be traceable by torch.compile; weights may change in place between calls.
 """
 from __future__ import annotations
+
+import types
 
 import torch
 
 from .guidance import log_max_softmax, state_to_image
 
-_CACHE: dict = {}  # (id(score), id(classifier), lam) -> (score, classifier, CompiledNetworks)
+_CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
 _CACHE_SIZE = 8  # the entries keep their models alive, so an id is never reused while cached
 
 
+def _compile(fn):
+    """torch.compile of fn, given a code object of its own.
+
+    torch.compile keeps its compiled variants on the code object, shared by every closure made
+    from the same `def`, and stops compiling (falls back to slow eager torch.func) after
+    recompile_limit (8) variants.  Model pairs x grad mode x dtype x shape would exhaust one
+    shared budget; a code object per CompiledNetworks gives each its own.
+    """
+    code = fn.__code__.replace()  # an equal but distinct code object
+    return torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__))
+
+
 class CompiledNetworks:
-    """The compiled drift and adjoint-VJP functions of one (score model, classifier, lam)."""
+    """The compiled drift and adjoint-VJP functions of one (score model, classifier) pair.
 
-    def __init__(self, score_model, classifier, lam: float):
-        self.lam = float(lam)
+    lam travels as a 0-d tensor, so a sweep over lam reuses one compilation.
+    """
 
+    def __init__(self, score_model, classifier):
         def log_confidence(x):
             return log_max_softmax(classifier(state_to_image(x))).sum()
 
         guidance = torch.func.grad(log_confidence)
 
-        def drift(x, t):
-            score = score_model(x, t)
-            return (score, guidance(x)) if self.lam > 0 else (score, None)
+        def score(x, t):
+            return score_model(x, t)
+
+        def score_and_guidance(x, t):
+            return score_model(x, t), guidance(x)
 
         def score_dot(x, t, a):
             return (score_model(x, t) * a).sum()
 
-        def drift_dot(x, t, a):
-            return score_dot(x, t, a) + self.lam * (guidance(x) * a).sum()
+        def drift_dot(x, t, a, lam):
+            return score_dot(x, t, a) + (guidance(x) * (lam * a)).sum()
 
-        self.drift = torch.compile(drift)
-        self.vjp_score = torch.compile(torch.func.grad(score_dot))
-        self.vjp_hessian = torch.compile(torch.func.grad(drift_dot)) if self.lam > 0 else self.vjp_score
+        self._score, self._score_and_guidance = _compile(score), _compile(score_and_guidance)
+        self._vjp_score = _compile(lambda x, t, a: torch.func.grad(score_dot)(x, t, a))
+        self._vjp_drift = _compile(lambda x, t, a, lam: torch.func.grad(drift_dot)(x, t, a, lam))
 
-    def drift_terms(self, x, t):
+    def drift(self, x, t, lam: float):
+        """(score, guidance or None when lam = 0); differentiable when called with grad enabled."""
+        return self._score_and_guidance(x, t) if lam > 0 else (self._score(x, t), None)
+
+    def drift_terms(self, x, t, lam: float):
         with torch.no_grad():
-            return self.drift(x, t)
+            return self.drift(x, t, lam)
 
-    def vjp(self, x, a, t, with_hessian: bool):
+    def vjp(self, x, a, t, lam: float, with_hessian: bool):
+        """J_s(x)^T a (+ lam H(x) a with_hessian), as purify.adjoint_vjp."""
         with torch.no_grad():
-            return (self.vjp_hessian if with_hessian else self.vjp_score)(x.detach(), t, a)
+            if with_hessian and lam > 0:
+                return self._vjp_drift(x.detach(), t, a, torch.tensor(lam, dtype=a.dtype, device=a.device))
+            return self._vjp_score(x.detach(), t, a)
 
 
-def compiled_networks(score_model, classifier, lam: float) -> CompiledNetworks:
+def compiled_networks(score_model, classifier) -> CompiledNetworks:
     """The cached CompiledNetworks of these two models (built on first use)."""
-    key = (id(score_model), id(classifier), float(lam))
+    key = (id(score_model), id(classifier))
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is score_model and hit[1] is classifier:
         return hit[2]
-    nets = CompiledNetworks(score_model, classifier, lam)
+    nets = CompiledNetworks(score_model, classifier)
     while len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = (score_model, classifier, nets)

@@ -158,7 +158,7 @@ def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create
             if trajectory is not None:
                 trajectory.append(x)
             if nets is not None and not create_graph:
-                score, guidance = nets.drift_terms(x, _time(x, t_k))
+                score, guidance = nets.drift_terms(x, _time(x, t_k), setting.lam)
             else:
                 score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
@@ -180,7 +180,7 @@ class KeptStep:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             if nets is not None:  # compiled: vjp() runs the compiled backward of the whole drift
-                score, guidance = nets.drift(leaf, _time(leaf, t))
+                score, guidance = nets.drift(leaf, _time(leaf, t), lam)
             else:
                 score, guidance = drift_terms(leaf, t, score_model, classifier, lam, create_graph=with_hessian)
         return cls(leaf, score, guidance)
@@ -222,7 +222,7 @@ def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with
         if isinstance(trajectory[k], KeptStep):
             vjp = trajectory[k].vjp(a, lam, with_hessian)
         elif nets is not None:
-            vjp = nets.vjp(trajectory[k], a, _time(a, grid.t(k)), with_hessian)
+            vjp = nets.vjp(trajectory[k], a, _time(a, grid.t(k)), lam, with_hessian)
         else:
             vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
         a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
@@ -315,7 +315,7 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     if engine == "compile":
         from .compiled import compiled_networks
 
-        nets = compiled_networks(score_model, classifier, setting.lam)
+        nets = compiled_networks(score_model, classifier)
     source = Noise(x, setting, noise, generator)
     out = purify_state(image_to_state(x), score_model, classifier, setting, source, gradient, memory, nets)
     return state_to_image(out).clamp(0.0, 1.0)

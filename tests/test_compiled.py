@@ -47,7 +47,7 @@ def test_compiled_engine_seeded_noise_matches_eager_and_reuses_compilation(probl
                       x, upstream) for e in ("eager", "compile")]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-9, atol=1e-12)
-    assert compiled_networks(score, clf, LAM) is compiled_networks(score, clf, LAM)
+    assert compiled_networks(score, clf) is compiled_networks(score, clf)
 
 
 def test_compiled_engine_follows_in_place_weight_changes(problem):
@@ -76,3 +76,18 @@ def test_compiled_engine_on_cuda_matches_eager(memory):
                       x, upstream) for e in ("eager", "compile")]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
     assert ((runs[1][1] - runs[0][1]).norm() / runs[0][1].norm()).item() <= 1e-4
+
+
+def test_compiled_engine_new_lam_is_exact_without_recompiling(problem):
+    """lam enters the compiled VJP as a tensor: a lam sweep compiles once and stays exact."""
+    from torch._dynamo.utils import counters
+
+    score, clf, x, upstream = problem
+    kw = dict(t_star=T_STAR, dt=DT, noise=_noise("coup", x.shape))
+    out_and_grad(lambda v: purify(v, score, clf, lam=LAM, engine="compile", **kw), x, upstream)
+    graphs_before = counters["stats"]["unique_graphs"]
+    out, grad = out_and_grad(lambda v: purify(v, score, clf, lam=0.7, engine="compile", **kw), x, upstream)
+    ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, lam=0.7, **kw), x, upstream)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
+    assert counters["stats"]["unique_graphs"] == graphs_before
