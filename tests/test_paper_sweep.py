@@ -35,11 +35,12 @@ def test_sweep_outputs(tmp_path):
 
 def test_shared_point_runs_once(monkeypatch):
     calls = []
-    monkeypatch.setattr(sweep, "accuracy_point", lambda *a, **k: calls.append((k["t_star"], k["lam"])) or
+    monkeypatch.setattr(sweep, "accuracy_point", lambda *a, **k: calls.append((k["t_star"], k["lam"], k["engine"])) or
                         {"t_star": k["t_star"], "lam": k["lam"], "clean_acc": 1.0, "robust_acc": 0.5, "n": 1})
-    cfg = sweep.SweepConfig(t_grid=(0.05, 0.1), lam_grid=(1.0, 2.0), t_star=0.1, lam=1.0)
+    cfg = sweep.SweepConfig(t_grid=(0.05, 0.1), lam_grid=(1.0, 2.0), t_star=0.1, lam=1.0, engine="compile")
     r = sweep.run_sweep(cfg, None, problem=tiny_problem(), progress=False)
-    assert len(r["rows"]) == 4 and sorted(calls) == [(0.05, 1.0), (0.1, 1.0), (0.1, 2.0)]
+    assert len(r["rows"]) == 4
+    assert sorted(calls) == [(0.05, 1.0, "compile"), (0.1, 1.0, "compile"), (0.1, 2.0, "compile")]
 
 
 def test_attack_lowers_accuracy_of_bare_setting():
@@ -65,8 +66,8 @@ def test_cli_parses_all_commands():
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
     a = parser.parse_args(["paper", "sweep", "--data", "cifar10", "--cifar-dir", "d", "--score-ckpt", "s",
-                           "--classifier-ckpt", "c", "--t-grid", "0.05,0.1", "--out", "o"])
-    assert a.t_grid == (0.05, 0.1) and a.cifar_dir == "d" and callable(a.func)
+                           "--classifier-ckpt", "c", "--t-grid", "0.05,0.1", "--out", "o", "--engine", "compile"])
+    assert a.t_grid == (0.05, 0.1) and a.cifar_dir == "d" and a.engine == "compile" and callable(a.func)
     a = parser.parse_args(["paper", "toy", "--n-paths", "10", "--c", "0,1"])
     assert a.c == (0.0, 1.0) and a.n_paths == 10
     a = parser.parse_args(["paper", "trajectory", "--lam", "2"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..graphs import ENGINES
+
 COMMANDS = ("toy", "trajectory", "sweep")
 DEFAULT_OUT = "results/paper"
 
@@ -86,7 +88,7 @@ def run_sweep_cmd(a) -> int:
     from .sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
-                             t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam)
+                             t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine)
     r = run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
     for row in r["rows"]:
         print(f"{row['axis']:>6}  t*={row['t_star']:<6g} lam={row['lam']:<5g} clean {row['clean_acc']:.3f}  "
@@ -124,6 +126,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lam-grid", type=_floats, default=None, help="lam values (t* fixed at --t-star)")
     p.add_argument("--t-star", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="purify's engine ('compile': torch.compile'd steps, compiled once for the whole sweep)")
     p.set_defaults(func=_with_threads(run_sweep_cmd))
     return paper
 

@@ -42,6 +42,7 @@ class SweepConfig:
     lam_grid: tuple = (0.0, 0.5, 1.0, 2.0, 5.0)
     t_star: float = 0.1  # fixed on the lam axis
     lam: float = 1.0  # fixed on the t* axis
+    engine: str = "auto"  # purify's engine; 'compile' compiles once (shapes and lam do not change the graphs)
 
     @classmethod
     def preset(cls, data: str, **overrides) -> "SweepConfig":
@@ -99,11 +100,11 @@ def apgd_ce(model, x, y, *, eps: float, n_iter: int, seed: int = 0):
 
 
 def accuracy_point(score_model, classifier, x, y, *, t_star: float, lam: float, dt: float, eps: float,
-                   n_iter: int, batch_size: int, seed: int = 0) -> dict:
+                   n_iter: int, batch_size: int, seed: int = 0, engine: str = "auto") -> dict:
     """Clean and APGD-CE robust accuracy of COUP(t*, lam) on (x, y), in batches."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     model = PurifiedClassifier(score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode="coup",
-                               gradient="exact", generator=gen)
+                               gradient="exact", generator=gen, engine=engine)
     clean = robust = 0
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -135,7 +136,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
         if (t_star, lam) not in done:  # (t*, lam) = (cfg.t_star, cfg.lam) lies on both axes: run it once
             done[t_star, lam] = accuracy_point(score_model, classifier, x, y, t_star=t_star, lam=lam, dt=cfg.dt,
                                                eps=cfg.eps, n_iter=cfg.n_iter, batch_size=cfg.batch_size,
-                                               seed=cfg.seed)
+                                               seed=cfg.seed, engine=cfg.engine)
         rows.append({"axis": axis, **done[t_star, lam]})
     result = {"config": asdict(cfg), "rows": rows, "seconds": time.perf_counter() - start}
     if out_dir is not None:
