@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, fields
 
 from .attacks import ATTACKS, NORMS, AttackSettings
-from .graphs import ENGINES
 from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense
+from .graphs import ENGINES
 
 DATASETS = ("digits", "cifar10")
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..graphs import ENGINES
-
 COMMANDS = ("toy", "trajectory", "sweep")
 DEFAULT_OUT = "results/paper"
 
@@ -99,6 +97,7 @@ def run_sweep_cmd(a) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `paper {toy,trajectory,sweep}` to an argparse subparsers object; each sets args.func."""
+    from ..graphs import ENGINES
     from . import toy
 
     paper = subparsers.add_parser("paper", help="the paper's analyses (toy study, trajectories, sweeps)",
@@ -127,7 +126,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--t-star", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="purify's engine ('compile': torch.compile'd steps, compiled once for the whole sweep)")
+                   help="purify's engine ('compile': torch.compile'd steps; lam and t* changes do not recompile)")
     p.set_defaults(func=_with_threads(run_sweep_cmd))
     return paper
 
