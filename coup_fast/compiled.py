@@ -25,6 +25,7 @@ import types
 import torch
 
 from .guidance import log_max_softmax, state_to_image
+from .purify import _time
 
 _CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
 _CACHE_SIZE = 8  # the entries keep their models alive, so an id is never reused while cached
@@ -70,20 +71,22 @@ class CompiledNetworks:
         self._vjp_score = _compile(lambda x, t, a: torch.func.grad(score_dot)(x, t, a))
         self._vjp_drift = _compile(lambda x, t, a, lam: torch.func.grad(drift_dot)(x, t, a, lam))
 
-    def drift(self, x, t, lam: float):
-        """(score, guidance or None when lam = 0); differentiable when called with grad enabled."""
+    def drift_terms(self, x, t: float, lam: float, create_graph=False):
+        """(score, guidance or None when lam = 0), as purify.drift_terms.
+
+        Called with grad enabled on an x that requires grad, both outputs are differentiable
+        (guidance to second order) whatever create_graph says: AOTAutograd compiles their backward.
+        """
+        t = _time(x, t)
         return self._score_and_guidance(x, t) if lam > 0 else (self._score(x, t), None)
 
-    def drift_terms(self, x, t, lam: float):
-        with torch.no_grad():
-            return self.drift(x, t, lam)
-
-    def vjp(self, x, a, t, lam: float, with_hessian: bool):
-        """J_s(x)^T a (+ lam H(x) a with_hessian), as purify.adjoint_vjp."""
+    def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
+        """J_s(x_k)^T a (+ lam H(x_k) a with_hessian), as purify.adjoint_vjp."""
+        t = _time(a, t)
         with torch.no_grad():
             if with_hessian and lam > 0:
-                return self._vjp_drift(x.detach(), t, a, torch.tensor(lam, dtype=a.dtype, device=a.device))
-            return self._vjp_score(x.detach(), t, a)
+                return self._vjp_drift(x_k.detach(), t, a, torch.tensor(lam, dtype=a.dtype, device=a.device))
+            return self._vjp_score(x_k.detach(), t, a)
 
 
 def compiled_networks(score_model, classifier) -> CompiledNetworks:

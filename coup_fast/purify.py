@@ -136,6 +136,22 @@ def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_grap
     return score, guidance
 
 
+class EagerNetworks:
+    """A step's network calls, run eagerly with autograd (the default).
+
+    compiled.CompiledNetworks has the same two methods; the solver and the adjoint call only these.
+    """
+
+    def __init__(self, score_model, classifier):
+        self.score_model, self.classifier = score_model, classifier
+
+    def drift_terms(self, x, t: float, lam: float, create_graph=False):
+        return drift_terms(x, t, self.score_model, self.classifier, lam, create_graph=create_graph)
+
+    def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
+        return adjoint_vjp(x_k, a, t, self.score_model, self.classifier, lam, with_hessian)
+
+
 def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create_graph=False, trajectory=None,
           keep_graphs=None, callback=None, nets=None):
     """Run the guided reverse SDE from t* to 0 on states x in [-1, 1] (Eq. 5, Euler-Maruyama).
@@ -144,23 +160,20 @@ def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create
     otherwise the caller runs it under no_grad.  `trajectory`, a list, receives x_0 .. x_{N-1}.
     keep_graphs ('score' or 'hessian') makes `trajectory` receive each step's network graph
     instead (a KeptStep; 'hessian' keeps the guidance differentiable), for the memory='fast'
-    adjoint.  `callback({'k', 't', 'x'})` is called after each step.  `nets`: a
-    compiled.CompiledNetworks to call instead of the eager networks (not with create_graph).
+    adjoint.  `callback({'k', 't', 'x'})` is called after each step.  `nets`: the networks'
+    calls (EagerNetworks of the two models by default, or a compiled.CompiledNetworks).
     """
-    grid = setting.grid
+    grid, nets = setting.grid, nets or EagerNetworks(score_model, classifier)
     for k in range(grid.n_steps):
         t_k = grid.t(k)
         if keep_graphs:
-            kept = KeptStep.record(x, t_k, score_model, classifier, setting.lam, keep_graphs == "hessian", nets)
+            kept = KeptStep.record(x, t_k, nets, setting.lam, keep_graphs == "hessian")
             trajectory.append(kept)
             score, guidance = kept.drift_terms()
         else:
             if trajectory is not None:
                 trajectory.append(x)
-            if nets is not None and not create_graph:
-                score, guidance = nets.drift_terms(x, _time(x, t_k), setting.lam)
-            else:
-                score, guidance = drift_terms(x, t_k, score_model, classifier, setting.lam, create_graph=create_graph)
+            score, guidance = nets.drift_terms(x, t_k, setting.lam, create_graph=create_graph)
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
         if callback is not None:
             callback({"k": k, "t": t_k, "x": x})
@@ -176,13 +189,10 @@ class KeptStep:
     guidance: torch.Tensor | None
 
     @classmethod
-    def record(cls, x, t, score_model, classifier, lam, with_hessian, nets=None):
+    def record(cls, x, t, nets, lam, with_hessian):
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            if nets is not None:  # compiled: vjp() runs the compiled backward of the whole drift
-                score, guidance = nets.drift(leaf, _time(leaf, t), lam)
-            else:
-                score, guidance = drift_terms(leaf, t, score_model, classifier, lam, create_graph=with_hessian)
+            score, guidance = nets.drift_terms(leaf, t, lam, create_graph=with_hessian)
         return cls(leaf, score, guidance)
 
     def drift_terms(self):
@@ -214,17 +224,14 @@ def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with
     """The discrete adjoint: from a = dL/dx_N walk k = N-1..0 over the stored states x_k.
 
     a_k = a_{k+1} + beta_k h (a_{k+1}/2 + J_s^T a_{k+1} + lam H a_{k+1}); returns dL/dx_0
-    (or the adjoint after the first `steps` backward steps, for warm-ups).  `nets`: compiled
-    networks to call for the VJPs (compiled.CompiledNetworks), or None for eager ones.
+    (or the adjoint after the first `steps` backward steps, for warm-ups).  `nets`: as in `solve`.
     """
-    grid, lam = setting.grid, setting.lam
+    grid, lam, nets = setting.grid, setting.lam, nets or EagerNetworks(score_model, classifier)
     for k in list(reversed(range(grid.n_steps)))[:steps]:
         if isinstance(trajectory[k], KeptStep):
             vjp = trajectory[k].vjp(a, lam, with_hessian)
-        elif nets is not None:
-            vjp = nets.vjp(trajectory[k], a, _time(a, grid.t(k)), lam, with_hessian)
         else:
-            vjp = adjoint_vjp(trajectory[k], a, grid.t(k), score_model, classifier, lam, with_hessian)
+            vjp = nets.vjp(trajectory[k], a, grid.t(k), lam, with_hessian)
         a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
     return a
 
