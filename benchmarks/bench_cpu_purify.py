@@ -81,7 +81,7 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
         def fn():
             with torch.no_grad():
                 return purify(x, score, clf, engine=engine, **kw)
-    elif method == "networks":  # the networks' calls of a guided solve and nothing else: no engine is faster
+    elif method == "networks":  # the eager networks' calls of a guided solve and nothing else
         from coup_fast.purify import drift_terms
 
         def fn():
