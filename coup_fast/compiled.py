@@ -25,7 +25,7 @@ import types
 import torch
 
 from .guidance import log_max_softmax, state_to_image
-from .purify import _time
+from .purify import batch_time
 
 _CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
 _CACHE_SIZE = 8  # the entries keep their models alive, so an id is never reused while cached
@@ -77,12 +77,12 @@ class CompiledNetworks:
         Called with grad enabled on an x that requires grad, both outputs are differentiable
         (guidance to second order) whatever create_graph says: AOTAutograd compiles their backward.
         """
-        t = _time(x, t)
+        t = batch_time(x, t)
         return self._score_and_guidance(x, t) if lam > 0 else (self._score(x, t), None)
 
     def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
         """J_s(x_k)^T a (+ lam H(x_k) a with_hessian), as purify.adjoint_vjp."""
-        t = _time(a, t)
+        t = batch_time(a, t)
         with torch.no_grad():
             if with_hessian and lam > 0:
                 return self._vjp_drift(x_k.detach(), t, a, torch.tensor(lam, dtype=a.dtype, device=a.device))

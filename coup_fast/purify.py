@@ -125,13 +125,14 @@ class Noise:
         return torch.stack([ops.normal_noise(like.detach(), self.table[k]) for k in range(setting.grid.n_steps)])
 
 
-def _time(x, t: float):
+def batch_time(x, t: float):
+    """t as the (B,) tensor a score model takes: every image of a step shares one time."""
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
 def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_graph=False):
     """Score s(x, t) and guidance g = grad_x log max_y p(y|x) (None when lam = 0)."""
-    score = score_model(x, _time(x, t))
+    score = score_model(x, batch_time(x, t))
     guidance = confidence_grad(classifier, x, create_graph=create_graph, log_confidence=ops.log_confidence) if lam > 0 else None
     return score, guidance
 
@@ -211,7 +212,7 @@ def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hess
     """J_s(x_k)^T a + lam H(x_k) a, recomputing one step's network graph (DESIGN.md)."""
     with torch.enable_grad():
         x_k = x_k.detach().requires_grad_(True)
-        objective = (score_model(x_k, _time(x_k, t)) * a).sum()
+        objective = (score_model(x_k, batch_time(x_k, t)) * a).sum()
         if lam > 0 and with_hessian:
             guidance = confidence_grad(classifier, x_k, create_graph=True, log_confidence=ops.log_confidence)
             objective = objective + lam * (guidance * a).sum()
