@@ -24,7 +24,7 @@ import types
 
 import torch
 
-from .guidance import log_max_softmax, state_to_image
+from .guidance import classifier_logits, log_max_softmax
 from .purify import batch_time
 
 _CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
@@ -51,7 +51,7 @@ class CompiledNetworks:
 
     def __init__(self, score_model, classifier):
         def log_confidence(x):
-            return log_max_softmax(classifier(state_to_image(x))).sum()
+            return log_max_softmax(classifier_logits(classifier, x)).sum()
 
         guidance = torch.func.grad(log_confidence)
 

@@ -23,6 +23,15 @@ def image_to_state(u: torch.Tensor) -> torch.Tensor:
     return u * 2.0 - 1.0
 
 
+def classifier_logits(classifier, x: torch.Tensor) -> torch.Tensor:
+    """classifier((x + 1)/2), checked to be (B, C) logits: other shapes would make the max and
+    logsumexp run over the wrong axis and couple the images of a batch, silently."""
+    logits = classifier(state_to_image(x))
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"classifier: expected logits of shape (B, C) = ({x.shape[0]}, C), got {tuple(logits.shape)}")
+    return logits
+
+
 def confidence_grad(classifier, x: torch.Tensor, *, create_graph: bool = False,
                     log_confidence=log_max_softmax) -> torch.Tensor:
     """grad_x log max_y p(y | (x + 1)/2) for a batch of states x in [-1, 1], same shape as x.
@@ -33,6 +42,6 @@ def confidence_grad(classifier, x: torch.Tensor, *, create_graph: bool = False,
     with torch.enable_grad():
         if not (create_graph and x.requires_grad):
             x = x.detach().requires_grad_(True)
-        objective = log_confidence(classifier(state_to_image(x))).sum()
+        objective = log_confidence(classifier_logits(classifier, x)).sum()
         (grad,) = torch.autograd.grad(objective, x, create_graph=create_graph)
     return grad

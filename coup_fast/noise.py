@@ -65,7 +65,8 @@ def philox_normal(seed: int, step: int, shape, *, dtype=torch.float32, device=No
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """A fresh seed from `generator` (or torch's global RNG, so torch.manual_seed reproduces runs)."""
-    return int(torch.randint(0, SEED_BOUND, (), generator=generator))
+    device = "cpu" if generator is None else generator.device  # a CUDA generator draws on its device
+    return int(torch.randint(0, SEED_BOUND, (), generator=generator, device=device))
 
 
 def rng_table(seed: int, n_steps: int, device) -> torch.Tensor:

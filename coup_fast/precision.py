@@ -55,12 +55,20 @@ def backend_flags() -> tuple:
 def _tf32(enabled: bool):
     # The legacy setters keep torch >= 2.9's per-backend fp32_precision consistent with them, so
     # code reading either API (inductor reads the legacy one) keeps working.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        saved = matmul.allow_tf32, conv.allow_tf32
+    except RuntimeError:  # the user set the per-backend API in a way the legacy getters refuse (torch >= 2.9)
+        saved = None
+        saved_precision = matmul.fp32_precision, conv.conv.fp32_precision
+    matmul.allow_tf32 = conv.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if saved is not None:
+            matmul.allow_tf32, conv.allow_tf32 = saved
+        else:
+            matmul.fp32_precision, conv.conv.fp32_precision = saved_precision
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,22 @@ def _model_device(model):
     return None
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Layers whose output depends on train/eval mode: in training mode every forward (and every
+# recompute of the exact gradient) draws new dropout masks or updates batch-norm statistics.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _warn_if_training(name, model):
+    if isinstance(model, nn.Module) and any(m.training for m in model.modules() if isinstance(m, _MODE_DEPENDENT)):
+        warnings.warn(f"{name} has dropout or batch-norm layers in training mode: purification is then random "
+                      f"beyond its noise, gradients do not match the forward that ran, and batch-norm statistics "
+                      f"change; call {name}.eval()", stacklevel=4)
+
+
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
              memory="lean") -> Setting:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
@@ -66,11 +84,11 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
     if not isinstance(memory, str) or memory not in MEMORY:
         raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
-    if not (isinstance(t_star, (int, float)) and 0.0 < t_star <= 1.0):
+    if not (_is_real(t_star) and 0.0 < t_star <= 1.0):
         raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
-    if not (isinstance(dt, (int, float)) and 0.0 < dt <= t_star):
+    if not (_is_real(dt) and 0.0 < dt <= t_star):
         raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0.0):
+    if not (_is_real(lam) and math.isfinite(lam) and lam >= 0.0):
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
     for name, model in (("score_model", score_model), ("classifier", classifier)):
         if model is None and name == "score_model":
@@ -80,10 +98,17 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         dev = _model_device(model)
         if dev is not None and dev != x.device:
             raise ValueError(f"{name}: its parameters are on {dev} but x is on {x.device}; move one of them")
+        _warn_if_training(name, model)
     effective_lam = float(lam) if mode == "coup" else 0.0
     if effective_lam > 0.0 and classifier is None:
         raise ValueError("classifier: guidance (mode='coup', lam > 0) needs a classifier, got None")
+    if effective_lam > 0.0 and torch.is_inference_mode_enabled():
+        raise ValueError("lam: the guidance is a gradient of the classifier, which torch.inference_mode() forbids; "
+                         "run purify under torch.no_grad() instead")
     setting = Setting(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode)
+    if abs(setting.grid.h - dt) > 0.01 * dt:
+        warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {setting.grid.n_steps} steps of "
+                      f"h = {setting.grid.h:.4g}", stacklevel=3)
     if noise is not None:
         expected = (setting.n_noise, *x.shape)
         if not torch.is_tensor(noise) or tuple(noise.shape) != expected:
@@ -175,6 +200,8 @@ def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create
             if trajectory is not None:
                 trajectory.append(x)
             score, guidance = nets.drift_terms(x, t_k, setting.lam, create_graph=create_graph)
+        if score.shape != x.shape:  # the pure-torch step would broadcast it silently
+            raise ValueError(f"score_model: expected a score of x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
         if callback is not None:
             callback({"k": k, "t": t_k, "x": x})
@@ -188,6 +215,7 @@ class KeptStep:
     x: torch.Tensor  # the leaf x_k
     score: torch.Tensor
     guidance: torch.Tensor | None
+    used: bool = False  # the graph is freed by its one backward; a second backward recomputes
 
     @classmethod
     def record(cls, x, t, nets, lam, with_hessian):
@@ -205,6 +233,7 @@ class KeptStep:
             if self.guidance is not None and with_hessian:
                 objective = objective + lam * (self.guidance * a).sum()
             (vjp,) = torch.autograd.grad(objective, self.x)
+        self.used = True
         return vjp
 
 
@@ -229,10 +258,12 @@ def adjoint_solve(trajectory, a, score_model, classifier, setting: Setting, with
     """
     grid, lam, nets = setting.grid, setting.lam, nets or EagerNetworks(score_model, classifier)
     for k in list(reversed(range(grid.n_steps)))[:steps]:
-        if isinstance(trajectory[k], KeptStep):
-            vjp = trajectory[k].vjp(a, lam, with_hessian)
-        else:
-            vjp = nets.vjp(trajectory[k], a, grid.t(k), lam, with_hessian)
+        step = trajectory[k]
+        if isinstance(step, KeptStep) and not step.used:
+            vjp = step.vjp(a, lam, with_hessian)
+        else:  # memory='lean', or a second backward (retain_graph=True) through memory='fast'
+            x_k = step.x if isinstance(step, KeptStep) else step
+            vjp = nets.vjp(x_k, a, grid.t(k), lam, with_hessian)
         a = ops.adjoint_update(a, vjp.to(a.dtype), grid.beta_dt(k))
     return a
 
@@ -280,7 +311,10 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
     if gradient == "adjoint":
         from .reference import solve_torchsde
 
-        return solve_torchsde(x, score_model, classifier, setting, source.step_noise(x, setting), adjoint=True)
+        # adjoint_params=(): like every gradient here, one with respect to x only (DiffPure's cost,
+        # with the score net's weights as adjoint parameters, is reference.solve_torchsde's default)
+        return solve_torchsde(x, score_model, classifier, setting, source.step_noise(x, setting), adjoint=True,
+                              adjoint_params=())
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
             return solve(x, score_model, classifier, setting, source, nets=nets)
@@ -300,7 +334,9 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     'adjoint' (torchsde stochastic adjoint), 'bpda' (straight-through), 'detached-guidance'
     (the paper's code: guidance constant in the backward pass).  memory: 'lean' (exact gradient
     stores the trajectory and recomputes one step's graph at a time) or 'fast' (keeps every
-    step's graph: no recompute, N steps of activations).
+    step's graph: no recompute, N steps of activations).  Every gradient is with respect to x:
+    model parameters are constants (their .grad is never touched); torch.autograd only, not
+    torch.func transforms.
     engine: 'auto' (default: CUDA tensors run the CUDA-graph engine, coup_fast.graphs, bitwise equal
     to the eager one; models that cannot be captured fall back to eager with a warning), 'eager' or
     'graph' (as 'auto', and warns when the call cannot use graphs, e.g. CPU tensors), or 'compile'
@@ -311,6 +347,8 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                        noise=noise, memory=memory)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     # --- engine hook: CUDA-graph-captured loops (coup_fast/graphs.py); None = not capturable, run eager ---
     from . import graphs
 

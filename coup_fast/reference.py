@@ -165,7 +165,10 @@ def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3,
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                        noise=noise)
     if noise is None:
-        draws = [philox_normal(seed, k, x.shape, dtype=x.dtype, device=x.device) for k in range(setting.n_noise)]
+        # purify's counters: steps k = 0..N-1, DiffPure's forward draw N (it comes first in `noise`)
+        n = setting.grid.n_steps
+        counters = ([n] if mode == "diffpure" else []) + list(range(n))
+        draws = [philox_normal(seed, k, x.shape, dtype=x.dtype, device=x.device) for k in counters]
         noise = torch.stack(draws)
     source = Noise(x, setting, noise)
     state = image_to_state(x)

@@ -91,3 +91,10 @@ def test_compiled_engine_new_lam_is_exact_without_recompiling(problem):
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
     assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_compiled_engine_rejects_logits_of_another_shape(problem):
+    score, clf, x, _ = problem
+    flat = lambda u: clf(u)[:, 0]  # noqa: E731  (B,) logits: the max would run over the batch
+    with pytest.raises(ValueError, match=r"^classifier: expected logits of shape \(B, C\)"):
+        purify(x, score, flat, t_star=T_STAR, dt=DT, lam=LAM, engine="compile")

@@ -302,6 +302,22 @@ def test_precision_knobs():
     assert backend_flags() == flags
 
 
+def test_precision_context_after_the_per_backend_tf32_api():
+    # torch >= 2.9: after fp32_precision is set, the legacy allow_tf32 getters raise
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision API")
+    saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        matmul.fp32_precision = "tf32"
+        flags = backend_flags()
+        with precision_context(Precision("fp32")):
+            assert backend_flags() != flags
+        assert backend_flags() == flags
+    finally:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 # --------------------------------------------------------------------------- CUDA only
 def _cuda_problem():
     score, clf = neural_problem()

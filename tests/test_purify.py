@@ -36,6 +36,10 @@ BAD_INPUTS = [
     (dict(dt=0.2), "dt"),
     (dict(lam=-1.0), "lam"),
     (dict(lam=float("nan")), "lam"),
+    (dict(lam=True), "lam"),
+    (dict(dt=True), "dt"),
+    (dict(t_star=True), "t_star"),
+    (dict(generator=42), "generator"),
     (dict(mode="forward"), "mode"),
     (dict(gradient="fancy"), "gradient"),
     (dict(noise=torch.zeros(99, 2, 6)), "noise"),
@@ -189,3 +193,98 @@ def test_fast_memory_mode_gives_the_unrolled_gradient(mode, gradient):
 def test_memory_mode_is_validated(analytic):
     with pytest.raises(ValueError, match="^memory:"):
         purify(_x(), *analytic, memory="huge")
+
+
+def test_numpy_scalars_are_numbers(analytic):
+    np = pytest.importorskip("numpy")
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    ref = purify(_x(), *analytic, t_star=0.02, dt=0.005, lam=0.5, **kw)
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    got = purify(_x(), *analytic, t_star=np.float32(0.02), dt=np.float64(0.005), lam=np.float32(0.5), **kw)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_dt_that_does_not_divide_t_star_warns(analytic):
+    with pytest.warns(UserWarning, match="does not divide t_star"):
+        purify(_x(), *analytic, t_star=0.1, dt=0.067)
+
+
+@pytest.mark.parametrize("reshape", [lambda l: l[:, 0], lambda l: l[..., None]])
+def test_logits_of_another_shape_are_rejected(analytic, reshape):
+    # (B,) or (B, C, 1) logits would reduce over the batch or a size-1 axis without any error
+    score, clf = analytic
+    bad = lambda u: reshape(clf(u))  # noqa: E731
+    with pytest.raises(ValueError, match=r"^classifier: expected logits of shape \(B, C\)"):
+        purify(_x(), score, bad)
+
+
+@pytest.mark.parametrize("noise", [False, True])  # the fused C++ step, and the pure-torch one
+def test_score_of_another_shape_is_rejected(analytic, noise):
+    score, clf = analytic
+    bad = lambda x, t: score(x, t)[:1]  # noqa: E731  (broadcastable: would pass silently)
+    kw = dict(noise=torch.zeros(20, 4, 6)) if noise else {}
+    with pytest.raises(ValueError, match="^score_model: expected a score of x's shape"):
+        purify(_x(), bad, clf, t_star=0.02, **kw)
+
+
+def test_inference_mode_with_guidance_is_a_clear_error(analytic):
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="^lam:.*inference_mode"):
+            purify(_x(), *analytic)
+        assert purify(_x(), *analytic, mode="reverse", t_star=0.01).shape == (4, 6)  # no guidance: fine
+
+
+def test_models_in_training_mode_warn():
+    score, clf = neural_problem()
+    clf_train = torch.nn.Sequential(clf, torch.nn.Dropout(0.1)).train()
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.warns(UserWarning, match=r"classifier has dropout.*classifier\.eval\(\)"):
+        purify(x, score, clf_train, t_star=0.01)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        purify(x, score, clf_train.eval(), t_star=0.01)
+        purify(x, score, clf.train(), t_star=0.01)  # no mode-dependent layers: nothing to warn about
+
+
+@pytest.mark.parametrize("gradient", ["exact", "adjoint", "detached-guidance", "bpda"])
+def test_gradients_leave_model_parameters_alone(gradient):
+    score, clf = neural_problem()
+    params = list(score.parameters()) + list(clf.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    x = torch.rand(2, 1, 4, 4, requires_grad=True)
+    purify(x, score, clf, t_star=0.01, gradient=gradient).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is None for p in params)
+
+
+def test_fast_memory_mode_allows_a_second_backward():
+    # the kept graphs are freed by the first backward; a retained second one recomputes them
+    score, clf = neural_problem(torch.float64)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    noise = torch.randn(4, 2, 1, 4, 4, dtype=torch.float64)
+    grads = {}
+    for memory in ("lean", "fast"):
+        xr = x.clone().requires_grad_(True)
+        out = purify(xr, score, clf, t_star=0.02, dt=0.005, noise=noise, memory=memory)
+        out.sum().backward(retain_graph=True)
+        first = xr.grad.clone()
+        out.sum().backward()
+        assert torch.allclose(xr.grad, 2 * first, rtol=1e-12, atol=0)
+        grads[memory] = first
+    assert torch.allclose(grads["fast"], grads["lean"], rtol=1e-10, atol=0)
+
+
+def test_unrolled_reference_uses_purifys_noise_counters(analytic):
+    # seeded purify and purify_unrolled(seed) draw the same z for the same counters, DiffPure included
+    from coup_fast.noise import draw_seed
+    from coup_fast.reference import purify_unrolled
+
+    x = _x()
+    for mode in ("coup", "diffpure"):
+        seed = draw_seed(torch.Generator().manual_seed(5))
+        got = purify(x, *analytic, t_star=0.02, mode=mode, generator=torch.Generator().manual_seed(5))
+        ref = purify_unrolled(x, *analytic, t_star=0.02, mode=mode, seed=seed)
+        assert (got - ref).abs().max() < 1e-5
