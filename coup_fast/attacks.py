@@ -38,7 +38,7 @@ class AttackSettings:
     pgd_step: float | None = None  # pgd-eot step; None: 2.5 eps / pgd_iter (Madry et al.)
     pgd_eot: int = 20            # pgd-eot EOT samples per gradient
     bpda_iter: int = 20          # bpda-eot: PGD-20 (paper, Table 3)
-    bpda_step: float = 0.007     # bpda-eot step alpha (paper: 0.007 at eps 8/255)
+    bpda_step: float | None = None  # bpda-eot step; None: 0.007 eps / (8/255), the paper's 0.007 at 8/255
     bpda_eot: int = 20           # bpda-eot EOT samples per gradient
 
 
@@ -107,9 +107,13 @@ def pgd_eot(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=
     return (x + delta).detach()
 
 
-def bpda_eot(model, x, y, *, norm="Linf", eps=8 / 255, step=0.007, n_iter=20, eot=20):
+def bpda_eot(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=20):
     """BPDA+EOT (Athalye et al. 2018; paper Table 3): PGD whose backward pass treats the
-    purifier as the identity (purify's gradient='bpda'), gradients averaged over EOT draws."""
+    purifier as the identity (purify's gradient='bpda'), gradients averaged over EOT draws.
+
+    step None: the paper's 0.007 at eps = 8/255, scaled with eps (a fixed 0.007 could not reach
+    the boundary of a larger ball, e.g. L2 eps 0.5, in 20 steps)."""
+    step = 0.007 * eps / (8 / 255) if step is None else step
     return pgd_eot(with_gradient(model, "bpda"), x, y, norm=norm, eps=eps, step=step, n_iter=n_iter, eot=eot)
 
 
@@ -119,22 +123,39 @@ def _quiet_autoattack_logs():
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
 
 
-def autoattack(model, x, y, *, version="rand", norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings()):
-    """One AutoAttack version through the unpatched pyautoattack package, budgets from settings."""
+def _set_apgd_iterations(apgd, n_iter: int):
+    # APGD derives its step-size schedule (first checkpoint, minimum spacing, decrement) from
+    # n_iter when it is built (Croce & Hein 2020: 22 %, 6 %, 3 % of the iterations); AutoAttack
+    # builds it with n_iter = 100, so changing n_iter alone would keep the 100-iteration schedule.
+    apgd.n_iter = n_iter
+    apgd.n_iter_2, apgd.n_iter_min = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    apgd.size_decr = max(int(0.03 * n_iter), 1)
+
+
+def build_autoattack(model, *, version="rand", norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings(),
+                     device=None):
+    """pyautoattack's AutoAttack (unpatched) for one version, budgets from settings."""
     from pyautoattack import AutoAttack
 
     _quiet_autoattack_logs()
-    adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=x.device)
-    adversary.apgd.n_iter = settings.n_iter
+    adversary = AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=device)
+    _set_apgd_iterations(adversary.apgd, settings.n_iter)
     adversary.apgd.n_restarts = settings.n_restarts
     if version == "rand":
         adversary.apgd.eot_iter = settings.eot
     else:
-        adversary.apgd_targeted.n_iter = settings.n_iter
+        _set_apgd_iterations(adversary.apgd_targeted, settings.n_iter)
         adversary.apgd_targeted.n_target_classes = settings.n_target_classes
         adversary.fab.n_iter = settings.fab_iter
         adversary.fab.n_target_classes = settings.n_target_classes
         adversary.square.n_queries = settings.square_queries
+    return adversary
+
+
+def autoattack(model, x, y, *, version="rand", norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings()):
+    """One AutoAttack version through the unpatched pyautoattack package, budgets from settings."""
+    adversary = build_autoattack(model, version=version, norm=norm, eps=eps, seed=seed, settings=settings,
+                                 device=x.device)
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
     return x_adv
 

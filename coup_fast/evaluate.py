@@ -90,6 +90,19 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _weights_digest(model, memo: dict) -> str | None:
+    """Digest of a module's parameters and buffers (None for a plain function): results computed
+    with other weights must not be resumed.  memo: tensor id -> digest, as defenses share models."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in memo:
+            memo[id(tensor)] = _tensor_digest(tensor.float() if tensor.dtype == torch.bfloat16 else tensor)
+        h.update(f"{name}:{memo[id(tensor)]};".encode())
+    return h.hexdigest()[:16]
+
+
 def _dist():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -193,7 +206,8 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
     (default: 8/255, 0.5).  n_eval: R, purifications of each final batch.  out_dir: where
     per-batch results go (resume + distributed merge); tag: anything else all results depend
     on (e.g. the data set), folded into the settings hash; specs: {label: what that model is},
-    hashed into its own cells' paths, so adding a defense later reuses the others' batches.  Returns a Table (also saved to out_dir
+    hashed into its own cells' paths with a digest of the model's weights (nn.Modules), so adding a
+    defense later reuses the others' batches and changed weights are never resumed.  Returns a Table (also saved to out_dir
     as results.json/.md/.csv by rank 0).
     """
     eps = {t: (eps or {}).get(t, DEFAULT_EPS[t]) for t in threats}
@@ -212,9 +226,12 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
         os.makedirs(root, exist_ok=True)
         atomic_write_text(os.path.join(root, "settings.json"), json.dumps(settings_doc))
 
+    memo = {}
+    weights = {(d, t): _weights_digest(_model_for(models, d, t), memo) for d in labels for t in threats}
+
     def path(cell, b):
         d, a, t = cell
-        spec = json.dumps((specs or {}).get(d), sort_keys=True, default=str)
+        spec = json.dumps({"spec": (specs or {}).get(d), "weights": weights[(d, t)]}, sort_keys=True, default=str)
         folder = f"{d.replace('/', '_')}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
         return os.path.join(root, t, folder, a, f"batch{b:05d}.json")
 

@@ -91,3 +91,32 @@ def test_unknown_attack_and_norm_name_the_field():
         run_attack("fgsm", clf, x, y)
     with pytest.raises(ValueError, match="threat"):
         run_attack("apgd-ce", clf, x, y, norm="L1")
+
+
+@pytest.mark.parametrize("version", ["rand", "standard"])
+def test_autoattack_apgd_schedule_follows_the_iteration_budget(version):
+    # APGD's step-size checkpoints come from n_iter at construction: they must match an APGD
+    # built with the budget we ask for, not AutoAttack's default 100 iterations
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from coup_fast.attacks import build_autoattack
+
+    _, clf = neural_problem()
+    adversary = build_autoattack(clf, version=version, eps=0.1, settings=AttackSettings(n_iter=5), device="cpu")
+    fresh = APGDAttack(clf, n_iter=5, eps=0.1, device="cpu")
+    apgds = [adversary.apgd] + ([adversary.apgd_targeted] if version == "standard" else [])
+    for apgd in apgds:
+        assert (apgd.n_iter, apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr) == \
+            (5, fresh.n_iter_2, fresh.n_iter_min, fresh.size_decr)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("L2", 0.5)])
+def test_bpda_default_step_scales_with_eps(monkeypatch, norm, eps):
+    # the paper's 0.007 at Linf 8/255; a fixed 0.007 could not reach an L2 ball of radius 0.5 in 20 steps
+    import coup_fast.attacks as attacks
+
+    seen = {}
+    monkeypatch.setattr(attacks, "pgd_eot", lambda *a, **kw: seen.update(kw))
+    attacks.run_attack("bpda-eot", None, None, None, norm=norm, eps=eps)
+    assert seen["step"] == pytest.approx(0.007 * eps / (8 / 255))
+    assert seen["n_iter"] * seen["step"] >= eps

@@ -40,6 +40,10 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
     (["--data", "cifar10", "--cifar-dir", "/nonexistent", "--score-ckpt", "/x", "--classifier-ckpt", "/y"],
      "cifar_dir"),
     (["--score-ckpt", "/x.pth"], "score_ckpt"),
+    (["--defenses", "none,none@adjoint"], "defenses"),  # one row label: results would collapse
+    (["--defenses", "coup,coup@exact"], "defenses"),
+    pytest.param(["--device", "cuda"], "device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_settings_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -86,6 +90,16 @@ def test_wrong_architecture_checkpoints(tmp_path, capsys, monkeypatch):
     assert main(base + ["--score-ckpt", str(tmp_path / "score.pth"), "--classifier-ckpt", str(tmp_path / "wrn.pt")]) == 2
     err = capsys.readouterr().err
     assert "classifier_ckpt: cannot load" in err and "WideResNet-28-10" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_digits_weights_and_subset_problems_name_the_field(tmp_path, capsys):
+    (tmp_path / "w").mkdir()  # exists, but holds no weights
+    base = ["eval", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    assert main(base + ["--weights-dir", str(tmp_path / "w")]) == 2
+    assert "weights_dir: cannot load the digits models" in capsys.readouterr().err
+    assert main(base + ["--n-images", "5000"]) == 2
+    assert "n_images: the digits test split has" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

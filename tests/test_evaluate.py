@@ -73,3 +73,17 @@ def test_markdown_shows_mean_and_worst():
     rev = PurifiedClassifier(score, clf, t_star=0.1, dt=0.05, mode="reverse")
     md = evaluate({"rev": rev}, x, y, attacks=[], n_eval=2, batch_size=6, progress=False).to_markdown()
     assert "| rev |" in md and "(" in md and "R = 2" in md
+
+
+def test_results_computed_with_other_weights_are_not_resumed(tmp_path):
+    score, clf, x, y = _setup()
+    kw = dict(attacks=[], n_eval=1, batch_size=4, out_dir=str(tmp_path), progress=False)
+    before = evaluate({"none": clf}, x, y, **kw).cells[("none", CLEAN, "Linf")]
+    c = min(range(5), key=lambda k: int((y == k).sum()))  # a class the new weights always predict
+    with torch.no_grad():  # in place: same objects, other values
+        clf.fc.weight.zero_()
+        clf.fc.bias.zero_()
+        clf.fc.bias[c] = 1.0
+    after = evaluate({"none": clf}, x, y, **kw).cells[("none", CLEAN, "Linf")]
+    expected = 100.0 * (y == c).float().mean().item()
+    assert after["mean"] == pytest.approx(expected) and expected != pytest.approx(before["mean"])

@@ -72,3 +72,32 @@ def test_cli_parses_all_commands():
     assert a.c == (0.0, 1.0) and a.n_paths == 10
     a = parser.parse_args(["paper", "trajectory", "--lam", "2"])
     assert a.lam == 2.0 and a.data == "digits"
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["sweep", "--eps", "-0.15"], "--eps"),
+    (["sweep", "--n-iter", "0"], "--n-iter"),
+    (["sweep", "--n-images", "-3"], "--n-images"),
+    (["sweep", "--t-grid", "0.1,1.5"], "--t-grid"),
+    (["sweep", "--lam-grid", ","], "--lam-grid"),
+    (["sweep", "--dt", "nan"], "--dt"),
+    (["trajectory", "--eps", "-0.15"], "--eps"),
+    (["trajectory", "--t-star", "0"], "--t-star"),
+    (["toy", "--c=-1"], "--c"),
+    (["toy", "--n-paths", "0"], "--n-paths"),
+    (["toy", "--threads", "0"], "--threads"),
+])
+def test_paper_commands_reject_bad_values_before_any_work(argv, flag, capsys, tmp_path):
+    from coup_fast.paper.cli import main as paper_main
+
+    with pytest.raises(SystemExit) as e:
+        paper_main([*argv, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_paper_sweep_rejects_more_images_than_the_split_has(capsys, tmp_path):
+    from coup_fast.paper.cli import main as paper_main
+
+    assert paper_main(["sweep", "--n-images", "5000", "--out", str(tmp_path / "o")]) == 2
+    assert "n_images: the digits test split has" in capsys.readouterr().err

@@ -13,17 +13,53 @@ COMMANDS = ("toy", "trajectory", "sweep")
 DEFAULT_OUT = "results/paper"
 
 
-def _floats(text: str) -> tuple:
+def _number(kind, lo, hi=None, lo_open=True, what=""):
+    """An argparse type: a number of `kind` in (lo, hi] ([lo, hi] when lo_open is False)."""
+    import math
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+POSITIVE_INT = _number(int, 0, what="an integer > 0")
+POSITIVE = _number(float, 0.0, what="a number > 0")
+NON_NEGATIVE = _number(float, 0.0, lo_open=False, what="a number >= 0")
+T_STAR = _number(float, 0.0, 1.0, what="t* in (0, 1]")
+
+
+def _list_of(item):
+    """An argparse type: a non-empty comma list, each value checked by `item`."""
+    def parse(text: str) -> tuple:
+        values = tuple(item(v) for v in text.split(",") if v.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a non-empty comma list, got {text!r}")
+        return values
+    return parse
+
+
+def _device(text: str) -> str:
+    import torch
+
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def _common(p):
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="torch CPU threads (default 1: on a shared CPU more threads contend and run slower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
 
@@ -32,16 +68,16 @@ def _data_args(p):
     from .sweep import DATASETS
 
     p.add_argument("--data", choices=DATASETS, default="digits")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--n-images", type=int, default=None)
-    p.add_argument("--eps", type=float, default=None, help="L-inf radius (digits 0.15, cifar10 8/255)")
-    p.add_argument("--n-iter", type=int, default=None, help="APGD-CE iterations")
-    p.add_argument("--dt", type=float, default=None)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--n-images", type=POSITIVE_INT, default=None)
+    p.add_argument("--eps", type=POSITIVE, default=None, help="L-inf radius (digits 0.15, cifar10 8/255)")
+    p.add_argument("--n-iter", type=POSITIVE_INT, default=None, help="APGD-CE iterations")
+    p.add_argument("--dt", type=POSITIVE, default=None)
     p.add_argument("--cifar-dir", help="CIFAR-10 python-version directory or .tar.gz (coup_fast.data.load_cifar)")
     p.add_argument("--score-ckpt", help="Score SDE checkpoint (coup_fast.models.ncsnpp.load_ncsnpp)")
     p.add_argument("--classifier-ckpt", help="WideResNet checkpoint (coup_fast.models.wideresnet.load_wideresnet)")
-    p.add_argument("--wrn-depth", type=int, default=28)
-    p.add_argument("--wrn-widen", type=int, default=10)
+    p.add_argument("--wrn-depth", type=POSITIVE_INT, default=28)
+    p.add_argument("--wrn-widen", type=POSITIVE_INT, default=10)
     p.add_argument("--weights-dir", help="digits weights directory (default: the shipped ones)")
 
 
@@ -106,25 +142,25 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy", help="2-Gaussian label-flip probability vs (c, lam) and Prop. 2 (Fig. 3b)")
     _common(p)
-    p.add_argument("--n-paths", type=int, default=toy.N_PATHS)
-    p.add_argument("--c", type=_floats, default=toy.C_GRID, help="noise levels, comma list")
-    p.add_argument("--lam", type=_floats, default=toy.LAM_GRID, help="guidance weights, comma list")
+    p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS)
+    p.add_argument("--c", type=_list_of(NON_NEGATIVE), default=toy.C_GRID, help="noise levels, comma list")
+    p.add_argument("--lam", type=_list_of(NON_NEGATIVE), default=toy.LAM_GRID, help="guidance weights, comma list")
     p.set_defaults(func=_with_threads(run_toy_cmd))
 
     p = sub.add_parser("trajectory", help="p(y_true|x_t), p(y_adv|x_t) along purification (Fig. 2a)")
     _common(p)
     _data_args(p)
-    p.add_argument("--t-star", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=1.0, help="guidance weight of the guided path")
+    p.add_argument("--t-star", type=T_STAR, default=0.1)
+    p.add_argument("--lam", type=NON_NEGATIVE, default=1.0, help="guidance weight of the guided path")
     p.set_defaults(func=_with_threads(run_trajectory_cmd))
 
     p = sub.add_parser("sweep", help="clean / APGD-CE robust accuracy vs t* and vs lam (Fig. 4)")
     _common(p)
     _data_args(p)
-    p.add_argument("--t-grid", type=_floats, default=None, help="t* values (lam fixed at --lam)")
-    p.add_argument("--lam-grid", type=_floats, default=None, help="lam values (t* fixed at --t-star)")
-    p.add_argument("--t-star", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--t-grid", type=_list_of(T_STAR), default=None, help="t* values (lam fixed at --lam)")
+    p.add_argument("--lam-grid", type=_list_of(NON_NEGATIVE), default=None, help="lam values (t* fixed at --t-star)")
+    p.add_argument("--t-star", type=T_STAR, default=0.1)
+    p.add_argument("--lam", type=NON_NEGATIVE, default=1.0)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="purify's engine ('compile': torch.compile'd steps; lam and t* changes do not recompile)")
     p.set_defaults(func=_with_threads(run_sweep_cmd))

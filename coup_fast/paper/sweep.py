@@ -59,12 +59,16 @@ def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, dev
     digits: `coup_fast.models.load_digits_models` and `coup_fast.data.load_digits('test')`;
     cifar10: `coup_fast.data.load_cifar(cifar_dir)`, `load_ncsnpp(score_ckpt)`, `load_wideresnet(classifier_ckpt)`.
     """
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images <= 0:
+        raise ValueError(f"n_images: expected an integer > 0, got {n_images!r}")
     if data == "digits":
         from ..data import load_digits
         from ..models import load_digits_models
 
         score_model, classifier = load_digits_models(device=device, weights_dir=weights_dir)
         x, y = load_digits("test")
+        if n_images > x.shape[0]:
+            raise ValueError(f"n_images: the digits test split has {x.shape[0]} images, got {n_images}")
         if n_images < x.shape[0]:
             idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_images]
             x, y = x[idx], y[idx]
