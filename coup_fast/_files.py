@@ -22,3 +22,19 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def load_weights_file(path):
+    """torch.load(path, weights_only=True), with a file that pickles more than tensors refused by a
+    ValueError (torch's own message suggests weights_only=False, i.e. running the file's code)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused by torch.load(weights_only=True) (the file pickles more than "
+            "tensors). If you trust it, re-save just its state dict, e.g. as .safetensors. "
+            f"Original error: {str(e).splitlines()[0]}") from e

@@ -114,17 +114,24 @@ def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 
         raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be None or an integer >= 1, got {n!r}")
     names = _FILES[dataset][split]
+    n_classes = 100 if dataset == "cifar100" else 10
     xs, ys = [], []
     for raw in _read_members(os.fspath(path), names, dataset):
         d = _unpickle(raw)
         if not isinstance(d, dict) or b"data" not in d or _LABEL_KEY[dataset] not in d:
             raise ValueError(f"{dataset} batch lacks b'data' / {_LABEL_KEY[dataset]!r}")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"expected b'data' of shape (N, 3072), got {data.shape}")
+        data = np.asarray(d[b"data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"expected b'data' of uint8 pixels, shape (N, 3072), got {data.dtype} {data.shape}")
+        labels = np.asarray(d[_LABEL_KEY[dataset]], dtype=np.int64)
+        if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) >= n_classes:
+            raise ValueError(f"expected {data.shape[0]} labels in [0, {n_classes}), got shape {labels.shape}, "
+                             f"range [{labels.min(initial=0)}, {labels.max(initial=0)}]")
         xs.append(data)
-        ys.append(np.asarray(d[_LABEL_KEY[dataset]], dtype=np.int64))
+        ys.append(labels)
     x = np.concatenate(xs).reshape(-1, 3, 32, 32)
     y = np.concatenate(ys)
     if n is not None and n < len(y):

@@ -113,3 +113,31 @@ def test_digits_fixed_split():
     # the two splits partition the 1797 images
     assert xtr.shape[0] + xte.shape[0] == xa.shape[0] == 1797
     assert sorted(set(yte.tolist())) == list(range(10))
+
+
+def _rewrite_test_batch(path, changes: dict):
+    name = os.path.join(path, "test_batch")
+    with open(name, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    d.update(changes)
+    with open(name, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d, lab: {b"labels": lab[:-1]}, "labels"),                        # one label short
+    (lambda d, lab: {b"labels": [10] + lab[1:]}, "labels in"),               # a class that does not exist
+    (lambda d, lab: {b"data": d.astype(np.float32) / 255}, "uint8"),          # re-saved as floats
+])
+def test_malformed_batches_are_refused(tmp_path, change, match):
+    path, content = make_fake_cifar(tmp_path)
+    _rewrite_test_batch(path, change(*content["test_batch"]))
+    with pytest.raises(ValueError, match=match):
+        load_cifar(path, "test")
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_subset_size_is_validated(tmp_path, n):
+    path, _ = make_fake_cifar(tmp_path)
+    with pytest.raises(ValueError, match="n must be None or an integer >= 1"):
+        load_cifar(path, "test", n=n)

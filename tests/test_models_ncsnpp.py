@@ -114,3 +114,18 @@ def test_forward_visits_every_module_once_in_order(cfg):
         m.register_forward_hook(lambda mod, inp, out, idx=idx: calls.append(idx))
     net(torch.empty(1, 3, 32, 32, device="meta"), torch.empty(1, device="meta"))
     assert calls == list(range(len(net.all_modules)))
+
+
+class _NotATensor:
+    pass
+
+
+def test_unsafe_pickle_and_malformed_model_entry_are_refused(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "extra": _NotATensor()}, evil)
+    with pytest.raises(ValueError, match="refused by torch.load\\(weights_only=True\\)"):
+        load_ncsnpp(evil, config=ncsnpp_small())
+    odd = tmp_path / "odd.pth"
+    torch.save({"model": [torch.zeros(1)]}, odd)
+    with pytest.raises(ValueError, match="'model' entry"):
+        load_ncsnpp(odd, config=ncsnpp_small())

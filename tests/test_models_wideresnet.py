@@ -99,3 +99,17 @@ def test_unsafe_pickle_is_refused(tmp_path):
     torch.save({"state_dict": WideResNet(16, 2).state_dict(), "extra": _NotATensor()}, path)
     with pytest.raises(ValueError, match="weights_only"):
         load_wideresnet(path, depth=16, widen=2)
+
+
+def test_dm_layout_without_statistics_uses_the_data_sets(tmp_path):
+    # DeepMind files without mean/std buffers: CIFAR-100 models normalise with CIFAR-100's statistics
+    from coup_fast.models.wideresnet import CIFAR10_MEAN, CIFAR100_MEAN, CIFAR100_STD
+
+    for n_classes, mean in ((10, CIFAR10_MEAN), (100, CIFAR100_MEAN)):
+        sd = {k: v for k, v in DMWideResNet(16, 2, n_classes).state_dict().items() if k not in ("mean", "std")}
+        path = tmp_path / f"dm{n_classes}.pt"
+        torch.save(sd, path)
+        model = load_wideresnet(path, depth=16, widen=2, layout="dm", num_classes=n_classes)
+        torch.testing.assert_close(model.mean.flatten(), torch.tensor(mean))
+        if n_classes == 100:
+            torch.testing.assert_close(model.std.flatten(), torch.tensor(CIFAR100_STD))

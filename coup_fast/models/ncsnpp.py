@@ -26,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._files import load_weights_file
 from ..score import score_sde_continuous
 
 __all__ = ["NCSNppConfig", "NCSNpp", "ncsnpp_cifar10_deep", "ncsnpp_small", "load_ncsnpp"]
@@ -287,8 +288,8 @@ def load_ncsnpp(path, device="cpu", use_ema: bool = True, config: NCSNppConfig |
         ValueError: the state dict does not match the expected architecture.
     """
     cfg = config or ncsnpp_cifar10_deep()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    ckpt = load_weights_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path}: expected a Score SDE checkpoint dict with a 'model' entry, "
                          f"got {type(ckpt).__name__} with keys "
                          f"{list(ckpt)[:5] if isinstance(ckpt, dict) else '-'}")

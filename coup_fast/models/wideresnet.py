@@ -18,16 +18,19 @@ Both take images in **[0, 1]**, (B, 3, 32, 32), and return logits (B, num_classe
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._files import load_weights_file
+
 __all__ = ["WideResNet", "DMWideResNet", "load_wideresnet", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # DeepMind's CIFAR-100 models normalise with these
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -159,13 +162,7 @@ def _read_state_dict(path) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused by torch.load(weights_only=True) (the file pickles more than "
-            "tensors). If you trust it, re-save just its state dict, e.g. as .safetensors. "
-            f"Original error: {str(e).splitlines()[0]}") from e
+    obj = load_weights_file(path)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -209,11 +206,12 @@ def load_wideresnet(path, depth: int = 28, widen: int = 10, device="cpu",
     arch = (f"RobustBench WideResNet-{depth}-{widen}" if layout == "robustbench"
             else f"DeepMind DMWideResNet-{depth}-{widen}")
     expected = model.state_dict()
-    # Tolerated absences: older DeepMind files predate the mean/std buffers (use the
-    # CIFAR-10 statistics), and pre-1.0 PyTorch files lack BatchNorm's batch counter.
+    # Tolerated absences: older DeepMind files predate the mean/std buffers (use the data
+    # set's statistics), and pre-1.0 PyTorch files lack BatchNorm's batch counter.
     if layout == "dm":
-        sd.setdefault("mean", torch.tensor(CIFAR10_MEAN).view(3, 1, 1))
-        sd.setdefault("std", torch.tensor(CIFAR10_STD).view(3, 1, 1))
+        mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+        sd.setdefault("mean", torch.tensor(mean).view(3, 1, 1))
+        sd.setdefault("std", torch.tensor(std).view(3, 1, 1))
     for k in expected:
         if k.endswith("num_batches_tracked"):
             sd.setdefault(k, torch.tensor(0))
