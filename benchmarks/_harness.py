@@ -1,9 +1,11 @@
 """One timing harness for the benchmarks: reference and fast provider side by side, device named.
 
-Peak memory is measured in a fresh child process per case: the growth of the process's peak
-resident set size (getrusage ru_maxrss) over one call of the measured function, after the
-models and inputs exist.  That counts everything the call makes resident (tensors, autograd
-graphs, allocator and glibc caches), at page granularity; it is what a user's process pays.
+Peak memory is measured in a fresh child process per case: the peak resident set size during
+one call of the measured function minus the resident size just before it, after the models and
+inputs exist.  The kernel's peak mark is reset before the call (Linux /proc/self/clear_refs), so
+an earlier, larger peak (compiling, loading) cannot hide the call's.  That counts everything the
+call makes resident (tensors, autograd graphs, allocator and glibc caches), at page granularity;
+it is what a user's process pays.
 """
 from __future__ import annotations
 
@@ -66,11 +68,40 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS mark (VmHWM) and return the resident bytes now; None where the
+    mark cannot be reset (not Linux), so only the lifetime peak (ru_maxrss) is known."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident bytes since the last reset_peak_rss (the lifetime peak where it cannot reset)."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return maxrss_bytes()
+
+
 def peak_growth(fn) -> int:
-    """Bytes by which one call of fn() raises this process's peak RSS (run first, in a fresh process)."""
-    before = maxrss_bytes()
+    """Bytes by which one call of fn() raises the resident set above its size before the call."""
+    before = reset_peak_rss()
+    if before is None:  # growth of the lifetime peak: right only if nothing earlier peaked higher
+        before = maxrss_bytes()
     fn()
-    return maxrss_bytes() - before
+    return peak_rss_bytes() - before
 
 
 def run_child(module: str, case: dict, timeout: float = 1200) -> dict:

@@ -14,9 +14,10 @@ them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
   and a tuned `sdeint_adjoint` (adjoint_params=()).
 * engine='compile': the same purification and exact gradients with the step's network calls
   compiled (coup_fast.compiled); compilation happens in the uncounted warm-up round.
-* peak memory: growth of a fresh child process's peak RSS over one call, after a one-step call at
-  B = 1 (at the measured B for the compiled engine) has done the libraries' one-time set-up (see _harness.py),
-  and a table over N for the exact gradient against plain autograd through the loop.
+* peak memory: in a fresh child process, the peak RSS during one call minus the RSS before it (the
+  peak mark reset first, see _harness.py), after a one-step call at B = 1 (at the measured B for the
+  compiled engine) has done the libraries' one-time set-up; and a table over N for the exact
+  gradient against plain autograd through the loop.  --quick leaves the compiled engine out.
 """
 from __future__ import annotations
 
@@ -149,11 +150,12 @@ def main(args):
         return H.run_child(child, case)["peak_mib"]
 
     rows, info = [], None
-    methods = ("purify", "purify-compiled", "torchsde", "exact", "exact-fast", "exact-compiled", "exact-compiled-fast",
-               "diffpure-adjoint", "tuned-adjoint")
+    compiled = () if args.quick else ("purify-compiled", "exact-compiled", "exact-compiled-fast")  # minutes to compile
+    methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint") + compiled
     for batch in batches:
         info = timed(methods + ("networks",), batch)
         sec = info["seconds"]
+        sec = {**dict.fromkeys(("purify-compiled", "exact-compiled", "exact-compiled-fast"), float("nan")), **sec}
         rows.append({
             "batch": batch,
             "pur_purify": batch / sec["purify"], "pur_torchsde": batch / sec["torchsde"],
@@ -176,12 +178,13 @@ def main(args):
                          ("xf_diffpure", "x DiffPure")]))
     print("x ceiling = sdeint / (the networks' calls alone): the most any engine can gain without touching the networks")
     print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
-    print("\nengine='compile' (networks, guidance and Hessian-vector products as torch.compile'd functions; "
-          "compile time not counted: it is the warm-up round)")
-    print(H.table(rows, [("batch", "B"), ("pur_compiled", "purify"), ("pur_cx", "x sdeint"),
-                         ("grad_compiled", "exact grad"), ("xc_diffpure", "x DiffPure"),
-                         ("grad_cfast", "exact grad fast"), ("xcf_diffpure", "x DiffPure")]))
-    print("\npeak RSS growth of one call (MiB)")
+    if compiled:
+        print("\nengine='compile' (networks, guidance and Hessian-vector products as torch.compile'd functions; "
+              "compile time not counted: it is the warm-up round)")
+        print(H.table(rows, [("batch", "B"), ("pur_compiled", "purify"), ("pur_cx", "x sdeint"),
+                             ("grad_compiled", "exact grad"), ("xc_diffpure", "x DiffPure"),
+                             ("grad_cfast", "exact grad fast"), ("xcf_diffpure", "x DiffPure")]))
+    print("\npeak RSS growth of one call (MiB; peak during the call minus resident before it)")
     print(H.table(rows, [("batch", "B"), ("mem_purify", "purify"), ("mem_torchsde", "sdeint"),
                          ("mem_exact", "exact grad"), ("mem_exact-fast", "exact fast"),
                          ("mem_exact-compiled", "compiled"), ("mem_exact-compiled-fast", "compiled fast"),
@@ -210,7 +213,8 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI size: t* = 0.02, batches 1 and 8, one repeat")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: t* = 0.02, batches 1 and 8, one repeat, no compiled engine")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measured process")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     ns = parser.parse_args()

@@ -2,8 +2,9 @@
 
     pytest benchmarks/bench_ops.py --benchmark-group-by=param:size --benchmark-columns=median,ops
 
-Fast provider on the current device: the C++ ops on the CPU, the Triton kernels on a GPU
-(adjoint_update: the CUDA extension when built, else torch).  On a GPU, extra_info carries the
+Fast provider on the current device: what coup_fast.ops dispatches to (the C++ ops on the CPU, the
+Triton kernels on a GPU; extra_info['backend'] names it); on a GPU adjoint_update also gets a
+'cuda-ext' provider, the C++/CUDA extension's kernel, when it is built.  On a GPU, extra_info carries the
 effective bandwidth in GB/s (bytes each op must read and write / median time, host launch included)
 and, for the fused ops, 'GB/s kernel': the same bytes over the device time of the kernel alone
 (20 calls captured in a CUDA graph, timed with events), to compare with the HBM bandwidth.
@@ -11,7 +12,7 @@ and, for the fused ops, 'GB/s kernel': the same bytes over the device time of th
 import pytest
 import torch
 
-from coup_fast import guidance, noise, ops, sde
+from coup_fast import _ops, guidance, noise, ops, sde
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = {"B1_cifar": (1, 3, 32, 32), "B64_cifar": (64, 3, 32, 32)}
@@ -30,7 +31,8 @@ def _run(benchmark, fn, bytes_moved, capturable=False):
         fn()
         _sync()
 
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({ops.backend('cpu')})"
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    benchmark.extra_info["backend"] = ops.backend(DEVICE)
     benchmark(call)
     if DEVICE == "cuda" and benchmark.stats is not None:
         benchmark.extra_info["GB/s"] = round(bytes_moved / benchmark.stats.stats.median / 1e9, 1)
@@ -56,8 +58,8 @@ def _graph_seconds(fn, calls: int = 20, replays: int = 5) -> float:
     return start.elapsed_time(end) / 1e3 / (calls * replays)
 
 
-def _em_twin(x, s, g, rng):
-    z = noise.philox_normal(*rng.tolist(), x.shape, dtype=x.dtype, device=x.device)
+def _em_twin(x, s, g, seed, step):
+    z = noise.philox_normal(seed, step, x.shape, dtype=x.dtype, device=x.device)
     return sde.euler_maruyama_step(x, s, g, 0.02, 1.0, z)
 
 
@@ -67,17 +69,21 @@ def test_em_step(benchmark, provider, size):
     benchmark.group = f"em_step {size}"
     x, s, g = (torch.randn(SIZES[size], device=DEVICE) for _ in range(3))
     rng = torch.tensor([12345, 7], device=DEVICE)
-    fn = (lambda: _em_twin(x, s, g, rng)) if provider == "torch" else (lambda: ops.em_step(x, s, g, rng, 0.02, 1.0))
+    # the twin takes the counters as Python ints: reading them from the device tensor would add a sync
+    fn = (lambda: _em_twin(x, s, g, 12345, 7)) if provider == "torch" else (lambda: ops.em_step(x, s, g, rng, 0.02, 1.0))
     _run(benchmark, fn, 4 * x.numel() * 4, capturable=provider == "fast")  # read x, s, g; write x_{k+1}
 
 
-@pytest.mark.parametrize("provider", ["torch", "fast"])
+@pytest.mark.parametrize("provider", ["torch", "fast", "cuda-ext"])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_adjoint_update(benchmark, provider, size):
+    if provider == "cuda-ext" and not (DEVICE == "cuda" and _ops.load_extension() and _ops.extension_status()["cuda"]):
+        pytest.skip("the extension's CUDA kernel: needs a GPU and the extension built with CUDA")
     benchmark.group = f"adjoint_update {size}"
     a, v = (torch.randn(SIZES[size], device=DEVICE) for _ in range(2))
-    fn = (lambda: sde.adjoint_step(a, v, 0.02)) if provider == "torch" else (lambda: ops.adjoint_update(a, v, 0.02))
-    _run(benchmark, fn, 3 * a.numel() * 4, capturable=provider == "fast")
+    fn = {"torch": lambda: sde.adjoint_step(a, v, 0.02), "fast": lambda: ops.adjoint_update(a, v, 0.02),
+          "cuda-ext": lambda: torch.ops.coup_fast.adjoint_update(a, v, 0.02)}[provider]
+    _run(benchmark, fn, 3 * a.numel() * 4, capturable=provider != "torch")
 
 
 @pytest.mark.parametrize("provider", ["torch", "fast"])

@@ -6,8 +6,8 @@
     python benchmarks/throughput.py --quick --out quick.json   # tiny (CI): well under a minute on a CPU
 
 Rows, side by side for each batch size:
-- torchsde:        sdeint (purification) and sdeint_adjoint with every network parameter trainable and
-                   an adjoint parameter (DiffPure's configuration; parameter gradients are computed too);
+- torchsde:        sdeint (purification) and sdeint_adjoint with the score network's parameters trainable
+                   adjoint parameters (DiffPure's configuration; their gradients are computed too);
 - torchsde-frozen: sdeint_adjoint with adjoint_params=() (frozen networks, the tuned reference);
 - eager / graph:   coup_fast's eager engine and its CUDA-graph engine (CUDA only), per precision knob
                    (fp32 / tf32 / bf16 networks, channels_last, optional torch.compile; state and adjoint fp32).
@@ -25,12 +25,14 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: the shared harness beside it
+import _harness  # noqa: E402
 
 import coup_fast
 from coup_fast import graphs
@@ -149,38 +151,6 @@ class _RegistryFlops(TorchDispatchMode):
 
 
 # ----------------------------------------------------------------------------------- measuring
-class _RssPeak:
-    """CPU memory: peak resident-set growth over a run, sampled from /proc/self/statm every 2 ms."""
-
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self):
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except OSError:
-            return 0
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.002):
-                self.peak = max(self.peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.mib = (self.peak - self.base) / 2**20
-
-
 def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True) -> dict:
     """Run fn once (warm-up: captures, autotuning) then up to `repeat` timed calls; median seconds, peak MiB.
 
@@ -191,9 +161,8 @@ def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True)
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        rss = None
     else:
-        rss = _RssPeak().__enter__()
+        rss_before = _harness.reset_peak_rss()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
@@ -209,8 +178,7 @@ def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True)
     if cuda:
         mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        rss.__exit__()
-        mib = rss.mib
+        mib = None if rss_before is None else (_harness.peak_rss_bytes() - rss_before) / 2**20
     notes = sorted({str(w.message).split(";")[0] for w in caught if "coup_fast" in str(w.message)})
     if times == [warm] and reuse_warmup and warm > budget_s:
         notes.append("one call, incl. warm-up")
@@ -219,7 +187,8 @@ def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True)
 
 # ----------------------------------------------------------------------------------- providers
 class _Trainable:
-    """DiffPure's configuration: the networks' parameters are trainable adjoint parameters."""
+    """DiffPure's configuration: the score network's parameters are trainable adjoint parameters
+    (the classifier is not part of DiffPure's SDE; here it only guides, with frozen weights)."""
 
     def __init__(self, *nets):
         self.params = [p for n in nets for p in n.parameters()]
@@ -267,7 +236,7 @@ def providers(args, score, clf, device):
     rows = []
     if "torchsde" in args.engines:
         fp32 = KNOBS["fp32"]
-        rows.append(("torchsde", "fp32", ref_purify, _grad(reference(None), _Trainable(score, clf)), fp32))
+        rows.append(("torchsde", "fp32", ref_purify, _grad(reference(None), _Trainable(score)), fp32))
         rows.append(("torchsde-frozen", "fp32", None, _grad(reference(()), None), fp32))
     for engine in ("eager", "graph", "compile"):
         if engine not in args.engines:
@@ -353,6 +322,17 @@ def parse_args(argv=None):
     return args
 
 
+def warm_networks(score, clf, x, setting, device):
+    """One step's network calls at this batch (score, guidance, a Hessian-vector product), before
+    any row: the device's first-use costs (cuDNN algorithm choice, library handles) then land in no
+    row's timed call, not even a slow reference row's single measured call."""
+    state, t = 2 * x - 1, setting.grid.t(0)
+    drift_terms(state, t, score, clf, setting.lam)
+    adjoint_vjp(state, torch.ones_like(state), t, score, clf, setting.lam, True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _rate(batch, seconds):
     return batch / seconds if seconds else float("nan")
 
@@ -375,8 +355,8 @@ def run_benchmark(args) -> dict:
                    "threads": torch.get_num_threads()},
         "memory_measure": ("torch.cuda.max_memory_allocated minus allocated before the run (MiB)"
                            if device.type == "cuda"
-                           else "peak resident-set growth of the process during the run, sampled every 2 ms from "
-                                "/proc/self/statm (MiB; 0 when the allocator reuses freed memory)"),
+                           else "peak resident set during the run minus the resident set before it, the kernel's "
+                                "peak mark reset first (/proc/self/clear_refs; MiB; None where it cannot be reset)"),
         "flops": flops, "peak_tflops": peak, "results": [], "errors": [],
     }
     rows = providers(args, score, clf, device)
@@ -384,6 +364,7 @@ def run_benchmark(args) -> dict:
         gen = torch.Generator().manual_seed(batch)
         x = torch.rand(batch, *shape, generator=gen).to(device)
         v = torch.randn(batch, *shape, generator=gen).to(device)
+        warm_networks(score, clf, x, setting, device)
         for engine, knob, purify_fn, gradient_fn, prec in rows:
             if engine.startswith("torchsde") and batch > args.reference_max_batch:
                 continue
