@@ -160,13 +160,14 @@ def autoattack(model, x, y, *, version="rand", norm="Linf", eps=8 / 255, seed=0,
     return x_adv
 
 
-def apgd_ce(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings()):
-    """APGD on the cross-entropy loss (Croce & Hein 2020), pyautoattack's APGDAttack, no EOT."""
+def apgd_ce(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings(), eot=1):
+    """APGD on the cross-entropy loss (Croce & Hein 2020), pyautoattack's APGDAttack; `eot` draws
+    per gradient (1: none, the 'apgd-ce' attack)."""
     from pyautoattack.autopgd_base import APGDAttack
 
     _quiet_autoattack_logs()
     attack = APGDAttack(model, n_restarts=settings.n_restarts, n_iter=settings.n_iter, eps=eps, norm=norm,
-                        loss="ce", eot_iter=1, rho=0.75, seed=seed, device=x.device)
+                        loss="ce", eot_iter=eot, rho=0.75, seed=seed, device=x.device)
     return attack.perturb(x, y)
 
 

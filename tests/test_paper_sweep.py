@@ -101,3 +101,27 @@ def test_paper_sweep_rejects_more_images_than_the_split_has(capsys, tmp_path):
 
     assert paper_main(["sweep", "--n-images", "5000", "--out", str(tmp_path / "o")]) == 2
     assert "n_images: the digits test split has" in capsys.readouterr().err
+
+
+def test_accuracy_point_averages_n_eval_purifications_with_an_se_over_images(monkeypatch):
+    # a stand-in purified classifier: image i is right on draws where (draw + i) is even
+    class Alternating(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+            self.draw = 0
+
+        def forward(self, u):
+            right = (torch.arange(u.shape[0]) + self.draw) % 2 == 0
+            self.draw += 1
+            return torch.nn.functional.one_hot(torch.where(right, 0, 1), 2).float()
+
+    seen = {}
+    monkeypatch.setattr(sweep, "PurifiedClassifier", Alternating)
+    monkeypatch.setattr(sweep, "apgd_ce", lambda model, x, y, **k: seen.update(k) or x)
+    x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    # per image: all 1/2; or 2/3, 1/3, 2/3, 1/3 (deviations 1/6: sample std (1/6) sqrt(4/3), SE that / sqrt(4))
+    for n_eval, acc, se in ((2, 0.5, 0.0), (3, 0.5, (1 / 6) * (4 / 3) ** 0.5 / 2)):
+        row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=1.0, dt=0.1, eps=0.1, n_iter=1, batch_size=4,
+                                   n_eval=n_eval, eot=7)
+        assert row["clean_acc"] == pytest.approx(acc) and row["clean_se"] == pytest.approx(se)
+        assert row["n_eval"] == n_eval and seen["eot"] == 7

@@ -112,3 +112,40 @@ def test_closed_form_guidance_matches_autograd(c):
             return torch.stack([torch.log1p(-q), torch.log(q)], 1)
 
     torch.testing.assert_close(confidence_grad(clf, x), confidence_grad(Plain(), x), rtol=1e-8, atol=1e-10)
+
+
+def test_wiener_eps_is_the_standardised_noise_displacement_of_the_euler_path():
+    # with no score and no guidance the Euler recursion is linear: x_N = x_0 prod(1 + b_k/2) + noise
+    # displacement, so wiener_eps times its deviation must equal that displacement exactly
+    grid = toy.ReverseGrid.from_dt(0.1, 1e-3)
+    noise = torch.randn(grid.n_steps, 5000, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x, growth = torch.zeros(5000, 1, dtype=torch.float64), 1.0
+    for k in range(grid.n_steps):
+        b = grid.beta_dt(k)
+        x = x + b * 0.5 * x + math.sqrt(b) * noise[k]
+        growth *= 1 + b / 2
+    displacement = x  # started at 0
+    eps = toy.wiener_eps(noise, grid)
+    ratio = displacement / eps
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-10, atol=0)
+    # e^{2 gamma} - 1, up to the left-point grid's O(h) bias (~1 % at h = 1e-3)
+    assert float(ratio[0]) ** 2 == pytest.approx(math.expm1(2 * toy.vp_gamma(0.1)), rel=2e-2)
+    assert abs(float(eps.mean())) < 0.05 and float(eps.var()) == pytest.approx(1.0, abs=0.06)
+
+
+def test_flip_ever_is_the_running_minimum_below_zero():
+    # Prop. 1's flip: the path crosses 0 somewhere; compared with an explicit Euler loop (lam = 0)
+    grid = toy.ReverseGrid.from_dt(toy.T_STAR, 5e-3)
+    noise = torch.randn(grid.n_steps, 3000, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    res = toy.simulate(0.0, 0.0, noise, dt=5e-3)
+    score = toy.toy_mixture()
+    x = torch.full((3000, 1), toy.X_START, dtype=torch.float64)
+    lowest = x[:, 0].clone()
+    for k in range(grid.n_steps):
+        b, t = grid.beta_dt(k), grid.t(k)
+        x = x + b * (0.5 * x + score(x, torch.full((3000,), t, dtype=torch.float64))) + math.sqrt(b) * noise[k]
+        lowest = torch.minimum(lowest, x[:, 0])
+    torch.testing.assert_close(res["x_final"], x[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res["x_min"], lowest, rtol=1e-10, atol=1e-12)
+    final, ever = float((res["x_final"] < 0).double().mean()), float((res["x_min"] < 0).double().mean())
+    assert ever > final + 0.1  # crossing and coming back is common from x = 0.2

@@ -56,3 +56,9 @@ def test_run_trajectory_outputs(tmp_path):
     assert np.all(arr["p_adv_noguide"][:, -1] >= arr["p_true_noguide"][:, -1])
     assert (tmp_path / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "trajectory.json").exists()
+    # w/o guidance every failure ends on y_adv (that is what a failure is); with guidance, a path
+    # whose final p(y_true) is above 1/2 must be predicted y_true
+    assert s["final_acc_noguide"] == 0.0 and np.all(arr["final_pred_noguide"] == arr["y_adv"])
+    guided_top = arr["p_true_guided"][:, -1] > 0.5
+    assert np.all(arr["final_pred_guided"][guided_top] == arr["y_true"][guided_top])
+    assert s["final_acc_guided"] == pytest.approx(float(np.mean(arr["final_pred_guided"] == arr["y_true"])))

@@ -92,7 +92,10 @@ def run_toy_cmd(a) -> int:
     from .toy import run_toy, toy_table
 
     r = run_toy(a.out, n_paths=a.n_paths, c_grid=a.c, lam_grid=a.lam, seed=a.seed, progress=a.progress)
+    print("label of the purified point, P(x_0 < 0):")
     print(toy_table(r))
+    print("path ever below 0, P(min_t x_t < 0) (Prop. 1's flip):")
+    print(toy_table(r, "flip_ever"))
     p2 = r["prop2"]
     print(f"exact flip probability (lam = 0): {r['exact_flip_lam0_c0']:.4f}")
     print(f"Prop. 2 (Eq. 8): fraction of paths within the bound, worst cell: global sups "
@@ -113,7 +116,9 @@ def run_trajectory_cmd(a) -> int:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{s['n_failures']} failures of COUP w/o guidance out of {s['setup']['n_images']} "
           f"(clean {s['clean_acc_reverse']:.3f}, robust {s['robust_acc_reverse']:.3f}); final mean p(y_true): "
-          f"w/o guidance {fmt(s['final_p_true_noguide_mean'])}, guided {fmt(s['final_p_true_guided_mean'])}")
+          f"w/o guidance {fmt(s['final_p_true_noguide_mean'])}, guided {fmt(s['final_p_true_guided_mean'])}; "
+          f"failures classified correctly at t = 0: w/o guidance {fmt(s['final_acc_noguide'])}, "
+          f"guided {fmt(s['final_acc_guided'])}")
     print(f"wrote {a.out}/trajectory.npz, trajectory.json, trajectory.png ({s['seconds']:.1f} s)")
     return 0
 
@@ -122,11 +127,12 @@ def run_sweep_cmd(a) -> int:
     from .sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
-                             t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine)
+                             t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine,
+                             n_eval=a.n_eval, eot=a.eot)
     r = run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
     for row in r["rows"]:
-        print(f"{row['axis']:>6}  t*={row['t_star']:<6g} lam={row['lam']:<5g} clean {row['clean_acc']:.3f}  "
-              f"robust {row['robust_acc']:.3f}")
+        print(f"{row['axis']:>6}  t*={row['t_star']:<6g} lam={row['lam']:<5g} clean {row['clean_acc']:.3f} "
+              f"± {row['clean_se']:.3f}  robust {row['robust_acc']:.3f} ± {row['robust_se']:.3f}")
     print(f"wrote {a.out}/sweep.csv, sweep.json, sweep.png ({r['seconds']:.1f} s)")
     return 0
 
@@ -161,6 +167,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lam-grid", type=_list_of(NON_NEGATIVE), default=None, help="lam values (t* fixed at --t-star)")
     p.add_argument("--t-star", type=T_STAR, default=0.1)
     p.add_argument("--lam", type=NON_NEGATIVE, default=1.0)
+    p.add_argument("--n-eval", type=POSITIVE_INT, default=None,
+                   help="purifications of each clean and each adversarial image (mean and SE over images; default 4)")
+    p.add_argument("--eot", type=POSITIVE_INT, default=None,
+                   help="EOT draws per APGD-CE gradient (default 1; AutoAttack-rand uses 20)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="purify's engine ('compile': torch.compile'd steps; lam and t* changes do not recompile)")
     p.set_defaults(func=_with_threads(run_sweep_cmd))

@@ -1,8 +1,10 @@
 """Clean and robust accuracy against t* and against lam (Sec. 5.4, Fig. 4 of arXiv 2408.05900).
 
 Each point is COUP (`PurifiedClassifier`, mode 'coup', exact adjoint gradient) attacked with
-APGD-CE under L-inf; robust accuracy is the purified classifier's accuracy on the final
-adversarial images with fresh purification noise.  Default: the embedded digits models on a
+APGD-CE under L-inf (EOT draws per gradient: `eot`, default 1); clean and robust accuracy are the
+purified classifier's accuracy on the clean and on the final adversarial images, averaged over
+`n_eval` fresh purifications of each, ± the standard error over images of the per-image
+accuracy.  Default: the embedded digits models on a
 small seeded test subset with few APGD iterations (sized for 2 CPU cores); CIFAR-10 when the
 data and checkpoints are given.
 """
@@ -43,6 +45,8 @@ class SweepConfig:
     t_star: float = 0.1  # fixed on the lam axis
     lam: float = 1.0  # fixed on the t* axis
     engine: str = "auto"  # purify's engine; 'compile' compiles once (shapes and lam do not change the graphs)
+    n_eval: int = 4  # purifications of each clean and each adversarial image
+    eot: int = 1  # EOT draws per APGD-CE gradient
 
     @classmethod
     def preset(cls, data: str, **overrides) -> "SweepConfig":
@@ -91,34 +95,43 @@ def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, dev
     return score_model, classifier, x.to(device), y.to(device)
 
 
-def apgd_ce(model, x, y, *, eps: float, n_iter: int, seed: int = 0):
-    """APGD-CE, L-inf: coup_fast.attacks when present, else pyautoattack's APGDAttack directly."""
+def apgd_ce(model, x, y, *, eps: float, n_iter: int, seed: int = 0, eot: int = 1):
+    """APGD-CE, L-inf, `eot` draws per gradient: coup_fast.attacks when present, else pyautoattack's APGDAttack."""
     try:
         from ..attacks import AttackSettings, apgd_ce as _apgd_ce
     except ImportError:
         from pyautoattack.autopgd_base import APGDAttack
 
-        attack = APGDAttack(model, n_iter=n_iter, norm="Linf", eps=eps, loss="ce", seed=seed, device=x.device)
+        attack = APGDAttack(model, n_iter=n_iter, norm="Linf", eps=eps, loss="ce", seed=seed, device=x.device,
+                            eot_iter=eot)
         return attack.perturb(x, y)
-    return _apgd_ce(model, x, y, norm="Linf", eps=eps, seed=seed, settings=AttackSettings(n_iter=n_iter))
+    return _apgd_ce(model, x, y, norm="Linf", eps=eps, seed=seed, settings=AttackSettings(n_iter=n_iter), eot=eot)
 
 
 def accuracy_point(score_model, classifier, x, y, *, t_star: float, lam: float, dt: float, eps: float,
-                   n_iter: int, batch_size: int, seed: int = 0, engine: str = "auto") -> dict:
-    """Clean and APGD-CE robust accuracy of COUP(t*, lam) on (x, y), in batches."""
+                   n_iter: int, batch_size: int, seed: int = 0, engine: str = "auto", n_eval: int = 4,
+                   eot: int = 1) -> dict:
+    """Clean and APGD-CE robust accuracy of COUP(t*, lam) on (x, y), in batches, each image purified
+    n_eval times; ± the standard error over images of their accuracy over the n_eval draws."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     model = PurifiedClassifier(score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode="coup",
                                gradient="exact", generator=gen, engine=engine)
-    clean = robust = 0
+
+    def per_image_accuracy(xb, yb):  # (B,): fraction of the n_eval purifications classified correctly
+        with torch.no_grad():
+            return torch.stack([(model(xb).argmax(1) == yb).double() for _ in range(n_eval)]).mean(0)
+
+    clean, robust = [], []
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        with torch.no_grad():
-            clean += int((model(xb).argmax(1) == yb).sum())
-        x_adv = apgd_ce(model, xb, yb, eps=eps, n_iter=n_iter, seed=seed)
-        with torch.no_grad():
-            robust += int((model(x_adv).argmax(1) == yb).sum())
+        clean.append(per_image_accuracy(xb, yb))
+        x_adv = apgd_ce(model, xb, yb, eps=eps, n_iter=n_iter, seed=seed, eot=eot)
+        robust.append(per_image_accuracy(x_adv, yb))
+    clean, robust = torch.cat(clean), torch.cat(robust)
     n = x.shape[0]
-    return {"t_star": t_star, "lam": lam, "clean_acc": clean / n, "robust_acc": robust / n, "n": n}
+    se = lambda a: float(a.std() / n**0.5) if n > 1 else float("nan")  # noqa: E731
+    return {"t_star": t_star, "lam": lam, "clean_acc": float(clean.mean()), "clean_se": se(clean),
+            "robust_acc": float(robust.mean()), "robust_se": se(robust), "n": n, "n_eval": n_eval, "eot": eot}
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, problem=None, device="cpu",
@@ -140,7 +153,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
         if (t_star, lam) not in done:  # (t*, lam) = (cfg.t_star, cfg.lam) lies on both axes: run it once
             done[t_star, lam] = accuracy_point(score_model, classifier, x, y, t_star=t_star, lam=lam, dt=cfg.dt,
                                                eps=cfg.eps, n_iter=cfg.n_iter, batch_size=cfg.batch_size,
-                                               seed=cfg.seed, engine=cfg.engine)
+                                               seed=cfg.seed, engine=cfg.engine, n_eval=cfg.n_eval, eot=cfg.eot)
         rows.append({"axis": axis, **done[t_star, lam]})
     result = {"config": asdict(cfg), "rows": rows, "seconds": time.perf_counter() - start}
     if out_dir is not None:
@@ -165,10 +178,11 @@ def plot_sweep(result: dict, path: str) -> None:
                                    (axes[1], "lam", "guidance weight lam", f"t* = {cfg['t_star']:g}")):
         rows = sorted((r for r in result["rows"] if r["axis"] == axis), key=lambda r: r[axis])
         xs = [r[axis] for r in rows]
-        ax.plot(xs, [100 * r["clean_acc"] for r in rows], "o-", label="clean")
-        ax.plot(xs, [100 * r["robust_acc"] for r in rows], "s-", label="robust (APGD-CE)")
+        for key, marker, name in (("clean", "o-", "clean"), ("robust", "s-", f"robust (APGD-CE, EOT {cfg['eot']})")):
+            ax.errorbar(xs, [100 * r[f"{key}_acc"] for r in rows], yerr=[100 * r[f"{key}_se"] for r in rows],
+                        fmt=marker, capsize=2, label=name)
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(f"accuracy (%), mean of {cfg['n_eval']} purifications ± SE")
         ax.set_title(f"{cfg['data']}, {fixed}, eps = {cfg['eps']:.3g}, n = {cfg['n_images']}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()

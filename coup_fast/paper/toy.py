@@ -14,7 +14,9 @@ into [tiny, 1 - tiny], tiny = max(TINY, dtype epsilon) (the guidance is then zer
 is active), and the logits (0, log q - log(1 - q)) are always finite.  The classifier's input
 gradient is closed-form (`_ToyLogit`, tested against autograd); the score is `GaussianMixture`'s
 in closed form (`ToyMixtureScore`, tested equal).  States are float32 by default (float64 on request).
-The flip probability is P(x_0 < 0) over the paths.
+Two flip probabilities, over the paths: P(x_0 < 0), the label of the purified point (what the
+classifier sees), and P(min_t x_t < 0), the path ever crossing 0 on the grid: Prop. 1's
+P_{<0} ("there exist t* in [0, 1] satisfying x_{t*} < 0"), which Sec. 5.3.2 estimates.
 All grid points share one noise tensor (common random numbers): differences between cells are
 then mostly the effect of (c, lam), not of the draw.  With lam = 0 the classifier is unused, so
 the lam = 0 column is one solve shared by every c.
@@ -168,7 +170,8 @@ def quadrature_flip_probability(x_t: float = X_START, t: float = T_STAR, n: int 
 
 
 class _PathRecorder(nn.Module):
-    """Wraps the score model; with the solve's callback it keeps per-path sup ||x||, ||s|| and ||lam g||.
+    """Wraps the score model; with the solve's callback it keeps per-path sup ||x||, ||s||, ||lam g||
+    and min x (the states are 1-D).
 
     lam g is recovered from the step actually taken (x_{k+1} minus sde.euler_maruyama_step without
     guidance = beta h lam g), so it is the guidance the engine applied, not a re-derivation.
@@ -178,7 +181,7 @@ class _PathRecorder(nn.Module):
         super().__init__()
         self.score_model, self.grid, self.noise = score_model, grid, noise
         self.x_k = self.s_k = None
-        self.sup_x = self.sup_s = self.sup_g = None
+        self.sup_x = self.sup_s = self.sup_g = self.min_x = None
 
     def forward(self, x, t):
         s = self.score_model(x, t)
@@ -187,6 +190,7 @@ class _PathRecorder(nn.Module):
             self.sup_x = x.norm(dim=1)
             self.sup_s = s.norm(dim=1)
             self.sup_g = torch.zeros_like(self.sup_x)
+            self.min_x = x[:, 0]
         else:
             self.sup_x = torch.maximum(self.sup_x, x.norm(dim=1))
             self.sup_s = torch.maximum(self.sup_s, s.norm(dim=1))
@@ -199,6 +203,7 @@ class _PathRecorder(nn.Module):
         lam_g = (x_next - unguided) / bdt  # the step taken minus the same step without guidance
         self.sup_g = torch.maximum(self.sup_g, lam_g.norm(dim=1))
         self.sup_x = torch.maximum(self.sup_x, x_next.norm(dim=1))
+        self.min_x = torch.minimum(self.min_x, x_next[:, 0])
 
 
 def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_START, t_star: float = T_STAR,
@@ -206,7 +211,7 @@ def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_ST
     """Run `noise.shape[1]` toy paths through `coup_fast.purify.solve`; noise (N, B, 1) standard normals
     (their dtype is the states' dtype).
 
-    Returns x_final (B,) and per-path sups of |x|, |s| and |lam g| along the path.
+    Returns x_final (B,), x_min (B,) and per-path sups of |x|, |s| and |lam g| along the path.
     """
     grid = ReverseGrid.from_dt(t_star, dt)
     if noise.shape[0] != grid.n_steps:
@@ -219,7 +224,8 @@ def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_ST
         out = solve(x, recorder, NoisyToyClassifier(c), setting, source, callback=recorder.callback)
     # lam = 0 applies no guidance; the recovered residual would be pure float round-off (~1e-3 in float32)
     sup_g = recorder.sup_g if lam != 0 else torch.zeros_like(recorder.sup_g)
-    return {"x_final": out[:, 0], "sup_x": recorder.sup_x, "sup_s": recorder.sup_s, "sup_g": sup_g}
+    return {"x_final": out[:, 0], "x_min": recorder.min_x, "sup_x": recorder.sup_x, "sup_s": recorder.sup_s,
+            "sup_g": sup_g}
 
 
 def prop2_bound(t_star: float, c_s, c_p, c_x, eps_norm):
@@ -229,11 +235,16 @@ def prop2_bound(t_star: float, c_s, c_p, c_x, eps_norm):
 
 
 def wiener_eps(noise: torch.Tensor, grid: ReverseGrid) -> torch.Tensor:
-    """The standardised reverse Wiener increment of each path: sum_k sqrt(beta_k h) z_k / sqrt(sum_k beta_k h).
+    """The standardised noise displacement of each path: the `epsilon` of Eq. 8 for the discretised path.
 
-    A standard normal per path: the `epsilon` of Eq. 8 for the discretised path.  noise (N, B, D) -> (B, D).
+    The noise of step k, sqrt(beta_k h) z_k, is carried to the end by the linear part of the later
+    steps, P_k = prod_{j > k} (1 + beta_j h / 2) (the continuous path's e^{gamma}); so the path's noise
+    displacement is sum_k P_k sqrt(beta_k h) z_k, of variance sum_k P_k^2 beta_k h (about e^{2 gamma} - 1).
+    Standardised by its deviation: a standard normal per path.  noise (N, B, D) -> (B, D).
     """
-    w = torch.tensor([math.sqrt(grid.beta_dt(k)) for k in range(grid.n_steps)], dtype=noise.dtype)
+    beta_dt = [grid.beta_dt(k) for k in range(grid.n_steps)]
+    carry = [math.prod(1 + b / 2 for b in beta_dt[k + 1:]) for k in range(grid.n_steps)]
+    w = torch.tensor([p * math.sqrt(b) for p, b in zip(carry, beta_dt)], dtype=noise.dtype)
     total = (w[:, None, None] * noise).sum(0)
     return total / math.sqrt(float((w**2).sum()))
 
@@ -264,9 +275,10 @@ def prop2_check(result: dict, noise: torch.Tensor, *, x_start=X_START, t_star=T_
 def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_grid=C_GRID, lam_grid=LAM_GRID,
             seed: int = 0, x_start: float = X_START, t_star: float = T_STAR, dt: float = DT,
             dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
-    """Flip probability P(x_0 < 0) ± Monte-Carlo SE on the c × lam grid, plus the Prop. 2 check.
+    """Flip probabilities P(x_0 < 0) and P(min_t x_t < 0) ± Monte-Carlo SE on the c × lam grid, plus
+    the Prop. 2 check.
 
-    Writes toy.csv, toy.json and toy.png (Fig. 3b: flip probability vs lam, one line per c) under
+    Writes toy.csv, toy.json and toy.png (Fig. 3b: both flip probabilities vs lam, one line per c) under
     out_dir (skipped when out_dir is None).  Returns the JSON dict.
     """
     from tqdm import tqdm
@@ -284,7 +296,9 @@ def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_
             cache[key] = (res, prop2_check(res, noise, x_start=x_start, t_star=t_star, dt=dt))
         res, p2 = cache[key]
         flip = float((res["x_final"] < 0).double().mean())
+        ever = float((res["x_min"] < 0).double().mean())
         rows.append({"c": c, "lam": lam, "flip_prob": flip, "se": math.sqrt(flip * (1 - flip) / n_paths),
+                     "flip_ever": ever, "se_ever": math.sqrt(ever * (1 - ever) / n_paths),
                      "prop2_frac_global": p2["frac_global"], "prop2_frac_per_path": p2["frac_per_path"],
                      "C_s": p2["C_s"], "C_p": p2["C_p"], "C_x": p2["C_x"],
                      # paths thrown far out by the noisy classifier's large gradients (poles of q for big c)
@@ -307,15 +321,16 @@ def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_
     return result
 
 
-def toy_table(result: dict) -> str:
-    """Markdown table c × lam with 'flip ± SE'."""
+def toy_table(result: dict, which: str = "flip_prob") -> str:
+    """Markdown table c × lam with 'flip ± SE': which = 'flip_prob' (P(x_0 < 0)) or 'flip_ever'."""
     rows = result["rows"]
+    se = {"flip_prob": "se", "flip_ever": "se_ever"}[which]
     cs = sorted({r["c"] for r in rows})
     lams = sorted({r["lam"] for r in rows})
     cell = {(r["c"], r["lam"]): r for r in rows}
     lines = ["| c \\ lam | " + " | ".join(f"{lam:g}" for lam in lams) + " |", "|---" * (len(lams) + 1) + "|"]
     for c in cs:
-        vals = [f"{cell[c, lam]['flip_prob']:.4f} ± {cell[c, lam]['se']:.4f}" for lam in lams]
+        vals = [f"{cell[c, lam][which]:.4f} ± {cell[c, lam][se]:.4f}" for lam in lams]
         lines.append(f"| {c:g} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -331,16 +346,20 @@ def plot_toy(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for c in sorted({r["c"] for r in result["rows"]}):
-        rows = sorted((r for r in result["rows"] if r["c"] == c), key=lambda r: r["lam"])
-        ax.errorbar([r["lam"] for r in rows], [r["flip_prob"] for r in rows], yerr=[2 * r["se"] for r in rows],
-                    marker="o", ms=3, capsize=2, label=f"c = {c:g}")
-    ax.axhline(result["exact_flip_lam0_c0"], color="k", ls=":", lw=1, label="exact, lam = 0")
-    ax.set_xlabel("guidance weight lam")
-    ax.set_ylabel("label flip probability P(x_0 < 0)")
-    ax.set_title(f"2-Gaussian toy, x(t*={result['setup']['t_star']:g}) = {result['setup']['x_start']:g}")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ((axes[0], "flip_prob", "se", "label flip P(x_0 < 0) (purified point)"),
+              (axes[1], "flip_ever", "se_ever", "label flip P(min_t x_t < 0) (Prop. 1)"))
+    for ax, key, se, ylabel in panels:
+        for c in sorted({r["c"] for r in result["rows"]}):
+            rows = sorted((r for r in result["rows"] if r["c"] == c), key=lambda r: r["lam"])
+            ax.errorbar([r["lam"] for r in rows], [r[key] for r in rows], yerr=[2 * r[se] for r in rows],
+                        marker="o", ms=3, capsize=2, label=f"c = {c:g}")
+        ax.set_xlabel("guidance weight lam")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"2-Gaussian toy, x(t*={result['setup']['t_star']:g}) = {result['setup']['x_start']:g}; "
+                     "bars: ± 2 SE", fontsize=9)
+    axes[0].axhline(result["exact_flip_lam0_c0"], color="k", ls=":", lw=1, label="exact, lam = 0")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
