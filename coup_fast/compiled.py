@@ -17,15 +17,21 @@ drift's backward too (guidance's double backward included), and a step's VJP is 
 
 The first call per (models, shape, dtype, grad mode) compiles (tens of seconds on a CPU); later calls
 reuse it.  Models must be traceable by torch.compile; weights may change in place between calls.
+
+torch.compile can get the second derivative silently wrong: with a torch.autograd.Function inside
+the classifier (e.g. RobustBench's DeepMind WRNs and their custom Swish) the compiled guidance
+Hessian-vector product comes out as zero.  So the first Hessian-vector product of each shape is
+checked against the eager one; on a mismatch the engine warns and runs those products eagerly.
 """
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 
 from .guidance import classifier_logits, log_max_softmax
-from .purify import batch_time
+from .purify import EagerNetworks, batch_time
 
 _CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
 _CACHE_SIZE = 8  # the entries keep their models alive, so an id is never reused while cached
@@ -70,6 +76,8 @@ class CompiledNetworks:
         self._score, self._score_and_guidance = _compile(score), _compile(score_and_guidance)
         self._vjp_score = _compile(lambda x, t, a: torch.func.grad(score_dot)(x, t, a))
         self._vjp_drift = _compile(lambda x, t, a, lam: torch.func.grad(drift_dot)(x, t, a, lam))
+        self.eager = EagerNetworks(score_model, classifier)
+        self._hessian_ok = {}  # (use, shape, dtype, device) -> the compiled Hessian products agree with eager
 
     def drift_terms(self, x, t: float, lam: float, create_graph=False):
         """(score, guidance or None when lam = 0), as purify.drift_terms.
@@ -77,16 +85,60 @@ class CompiledNetworks:
         Called with grad enabled on an x that requires grad, both outputs are differentiable
         (guidance to second order) whatever create_graph says: AOTAutograd compiles their backward.
         """
-        t = batch_time(x, t)
-        return self._score_and_guidance(x, t) if lam > 0 else (self._score(x, t), None)
+        if lam > 0 and create_graph and torch.is_grad_enabled() and x.requires_grad:  # memory='fast' keeps this
+            key = ("kept", tuple(x.shape), x.dtype, x.device)
+            if key not in self._hessian_ok:
+                self._hessian_ok[key] = self._kept_hessian_agrees(x, t, lam)
+            if not self._hessian_ok[key]:
+                return self.eager.drift_terms(x, t, lam, create_graph=True)
+        tb = batch_time(x, t)
+        return self._score_and_guidance(x, tb) if lam > 0 else (self._score(x, tb), None)
 
     def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
         """J_s(x_k)^T a (+ lam H(x_k) a with_hessian), as purify.adjoint_vjp."""
-        t = batch_time(a, t)
+        tb = batch_time(a, t)
         with torch.no_grad():
-            if with_hessian and lam > 0:
-                return self._vjp_drift(x_k.detach(), t, a, torch.tensor(lam, dtype=a.dtype, device=a.device))
-            return self._vjp_score(x_k.detach(), t, a)
+            if not (with_hessian and lam > 0):
+                return self._vjp_score(x_k.detach(), tb, a)
+            key = ("vjp", tuple(a.shape), a.dtype, a.device)
+            if self._hessian_ok.get(key) is False:
+                return self.eager.vjp(x_k, a, t, lam, True)
+            got = self._vjp_drift(x_k.detach(), tb, a, torch.tensor(lam, dtype=a.dtype, device=a.device))
+        if key not in self._hessian_ok:
+            want = self.eager.vjp(x_k, a, t, lam, True)
+            hessian_part = want - self.eager.vjp(x_k, a, t, lam, False)
+            self._hessian_ok[key] = _agree(got, want, hessian_part)
+            if not self._hessian_ok[key]:
+                return want
+        return got
+
+    def _kept_hessian_agrees(self, x, t, lam) -> bool:
+        """One Hessian-vector product through the compiled guidance's graph against the eager one."""
+        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
+        results = []
+        for nets in (self, self.eager):
+            leaf = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                score, guidance = (nets._score_and_guidance(leaf, batch_time(leaf, t)) if nets is self
+                                   else nets.drift_terms(leaf, t, lam, create_graph=True))
+                if guidance.requires_grad:
+                    (hvp,) = torch.autograd.grad((guidance * probe).sum(), leaf)
+                else:  # compiled without a path back to x: a zero second derivative
+                    hvp = torch.zeros_like(leaf)
+            results.append(lam * hvp)
+        return _agree(results[0], results[1], results[1])
+
+
+def _agree(got, want, hessian_part) -> bool:
+    """got equals want up to round-off, judged against the size of the Hessian term (which a broken
+    compiled second derivative drops); warns when not."""
+    tol = 1e-4 if want.dtype in (torch.float32, torch.bfloat16, torch.float16) else 1e-9
+    ok = float((got - want).norm()) <= 1e-3 * float(hessian_part.norm()) + tol * float(want.norm())
+    if not ok:
+        warnings.warn("engine='compile': the compiled guidance Hessian-vector product disagrees with eager autograd "
+                      "(torch.compile mishandles the second derivative of these models, e.g. through a "
+                      "torch.autograd.Function in the classifier); running those products eagerly", stacklevel=4)
+    return ok
 
 
 def compiled_networks(score_model, classifier) -> CompiledNetworks:

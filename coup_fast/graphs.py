@@ -88,7 +88,12 @@ def cuda_capture(run, device):
     Returns (replay, outputs): replay() re-runs the recorded kernels, refreshing `outputs` in place.
     """
     device = torch.device(device)
-    with torch.cuda.device(device):
+    # Autocast caches its casts of weights that require grad outside the graph's memory pool and
+    # frees them when the user's autocast region ends: a graph recorded over a cached cast would
+    # replay reading freed memory.  Same autocast settings, no cache.
+    autocast = torch.autocast("cuda", enabled=torch.is_autocast_enabled("cuda"),
+                              dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    with torch.cuda.device(device), autocast:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -106,6 +111,8 @@ def cuda_capture(run, device):
             except Exception:
                 pass
             cause = err.__context__ if err.__context__ is not None else err
+            if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(cause, torch.cuda.OutOfMemoryError):
+                raise  # not a property of the models: no permanent eager fallback, the caller sees it
             raise CaptureError(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from err
         members.add(graph)
     return graph.replay, outputs
@@ -274,18 +281,23 @@ def clear_cache():
     _CACHE.clear()
 
 
-def _weights(model) -> tuple:
-    """Addresses of a module's tensors: a rebound weight (model.half(), p.data = ...) means a new graph."""
+def _model_state(model) -> tuple:
+    """A module's train/eval flags (every submodule: a wrapper's own flag says nothing of its net's
+    dropout) and its tensors' addresses (a rebound weight, model.half() or p.data = ..., means a new
+    graph).  A plain callable is known by its identity only: rebinding the tensors it closes over
+    needs clear_cache()."""
     if not isinstance(model, torch.nn.Module):
         return ()
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    return (tuple(m.training for m in model.modules()),
+            tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
 
 
 def graph_key(x, score_model, classifier, setting, gradient: str, with_grad: bool) -> tuple:
     """What a captured graph depends on besides the values in its static buffers and weights."""
     kind = ("grad", gradient == "exact") if with_grad else ("forward",)
-    models = tuple((id(m), getattr(m, "training", None), _weights(m)) for m in (score_model, classifier))
-    return str(x.device), tuple(x.shape), x.dtype, setting, kind, models, backend_flags()
+    models = tuple((id(m), _model_state(m)) for m in (score_model, classifier))
+    return (str(x.device), tuple(x.shape), x.dtype, setting, kind, models, backend_flags(),
+            torch.is_inference_mode_enabled())  # buffers made in inference mode are inference tensors
 
 
 class _GraphSolve(torch.autograd.Function):

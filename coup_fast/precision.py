@@ -42,13 +42,18 @@ class Precision:
 
 
 def backend_flags() -> tuple:
-    """The global flags a captured graph bakes in: TF32, cuDNN algorithm choice, CUDA autocast."""
+    """The global flags a captured graph bakes in: TF32, cuDNN use and algorithm choice, deterministic
+    algorithms, attention backends, CUDA autocast."""
     try:
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     except RuntimeError:  # torch >= 2.9 refuses the legacy getters after an inconsistent mix of APIs
         tf32 = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    return tf32, cudnn, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    cudnn = (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    cuda = torch.backends.cuda
+    sdp = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+           cuda.cudnn_sdp_enabled())  # which attention kernel (NCSN++) gets recorded
+    return tf32, cudnn, sdp, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
 @contextlib.contextmanager

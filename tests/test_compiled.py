@@ -98,3 +98,43 @@ def test_compiled_engine_rejects_logits_of_another_shape(problem):
     flat = lambda u: clf(u)[:, 0]  # noqa: E731  (B,) logits: the max would run over the batch
     with pytest.raises(ValueError, match=r"^classifier: expected logits of shape \(B, C\)"):
         purify(x, score, flat, t_star=T_STAR, dt=DT, lam=LAM, engine="compile")
+
+
+class _Swish(torch.autograd.Function):
+    """x sigmoid(x) as a custom Function, as RobustBench's DeepMind WRNs write their activation."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))
+
+
+class _FunctionClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = torch.nn.Parameter(torch.randn(16, 8, generator=g, dtype=F64), requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(8, 5, generator=g, dtype=F64), requires_grad=False)
+
+    def forward(self, u):
+        return _Swish.apply(u.flatten(1) @ self.w1) @ self.w2
+
+
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+def test_compiled_engine_falls_back_where_compile_drops_the_hessian(problem, memory):
+    # torch.compile returns a zero second derivative through the custom Function: the engine must
+    # notice on its first Hessian-vector product, warn, and still give the exact gradient
+    score, _, x, upstream = problem
+    clf = _FunctionClassifier()
+    kw = dict(t_star=T_STAR, dt=DT, lam=20.0, noise=_noise("coup", x.shape))
+    with pytest.warns(UserWarning, match="Hessian-vector product disagrees"):
+        out, grad = out_and_grad(lambda v: purify(v, score, clf, engine="compile", memory=memory, **kw), x, upstream)
+    ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8

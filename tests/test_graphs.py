@@ -200,6 +200,21 @@ def test_graph_keys_separate_every_configuration():
     assert id_twin != variants[-1]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if CUDA else _cuda_autocast_flag():
         variants.append(graphs.graph_key(x, score, clf, s, "exact", True))  # baked-in backend flags
+    score.eps_model.train()  # the wrapper stays in eval mode; the net's dropout would not
+    variants.append(graphs.graph_key(x, score, clf, s, "exact", True))
+    score.eps_model.eval()
+    with torch.inference_mode():  # its buffers would be inference tensors
+        variants.append(graphs.graph_key(x, score, clf, s, "exact", False))
+    for flag in ("enabled", "deterministic"):
+        saved = getattr(torch.backends.cudnn, flag)
+        setattr(torch.backends.cudnn, flag, not saved)
+        variants.append(graphs.graph_key(x, score, clf, s, "exact", True))
+        setattr(torch.backends.cudnn, flag, saved)
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(not flash)  # the attention kernel a capture records
+    variants.append(graphs.graph_key(x, score, clf, s, "exact", True))
+    torch.backends.cuda.enable_flash_sdp(flash)
+    assert base == graphs.graph_key(x, score, clf, s, "exact", True)  # every flag restored
     assert len({base, *variants}) == len(variants) + 1
     # the forward-only key ignores the gradient kind (same graph)
     assert graphs.graph_key(x, score, clf, s, "exact", False) == graphs.graph_key(x, score, clf, s, "bpda", False)
