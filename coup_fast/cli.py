@@ -244,8 +244,6 @@ def _device(cfg):
 
 def load_everything(cfg: EvalConfig, device):
     """(score_model, classifier, x, y); checkpoint problems become ConfigErrors naming the field."""
-    import torch
-
     if cfg.data == "digits":
         from .data import load_digits
         from .models import load_digits_models
@@ -254,12 +252,10 @@ def load_everything(cfg: EvalConfig, device):
             score_model, classifier = load_digits_models(device=device, weights_dir=cfg.weights_dir)
         except Exception as e:
             raise ConfigError("weights_dir", f"cannot load the digits models from {cfg.weights_dir or 'the shipped weights'}: {e}") from None
-        x, y = load_digits("test")
-        if cfg.n_images > x.shape[0]:
-            raise ConfigError("n_images", f"the digits test split has {x.shape[0]} images, got {cfg.n_images}")
-        if cfg.n_images < x.shape[0]:
-            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_images]
-            x, y = x[idx], y[idx]
+        try:
+            x, y = load_digits("test", n=cfg.n_images, seed=cfg.seed)
+        except ValueError as e:
+            raise ConfigError("n_images", str(e).removeprefix("n_images: ")) from None
     else:
         from .data import load_cifar
         from .models.ncsnpp import load_ncsnpp

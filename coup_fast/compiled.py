@@ -115,18 +115,18 @@ class CompiledNetworks:
     def _kept_hessian_agrees(self, x, t, lam) -> bool:
         """One Hessian-vector product through the compiled guidance's graph against the eager one."""
         probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
-        results = []
-        for nets in (self, self.eager):
+
+        def lam_hvp(guidance_of):
             leaf = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                score, guidance = (nets._score_and_guidance(leaf, batch_time(leaf, t)) if nets is self
-                                   else nets.drift_terms(leaf, t, lam, create_graph=True))
-                if guidance.requires_grad:
-                    (hvp,) = torch.autograd.grad((guidance * probe).sum(), leaf)
-                else:  # compiled without a path back to x: a zero second derivative
-                    hvp = torch.zeros_like(leaf)
-            results.append(lam * hvp)
-        return _agree(results[0], results[1], results[1])
+                guidance = guidance_of(leaf)
+                if not guidance.requires_grad:  # compiled without a path back to x: a zero second derivative
+                    return torch.zeros_like(leaf)
+                return lam * torch.autograd.grad((guidance * probe).sum(), leaf)[0]
+
+        got = lam_hvp(lambda v: self._score_and_guidance(v, batch_time(v, t))[1])
+        want = lam_hvp(lambda v: self.eager.drift_terms(v, t, lam, create_graph=True)[1])
+        return _agree(got, want, want)
 
 
 def _agree(got, want, hessian_part) -> bool:

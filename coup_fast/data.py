@@ -144,26 +144,31 @@ def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 
 DIGITS_SPLIT = {"n_test": 300, "seed": 0}
 
 
-def load_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(split: str = "test", n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's 8x8 handwritten digits on a fixed seeded split (ships with sklearn).
 
-    Pixel values 0..16 are divided by 16.
+    Pixel values 0..16 are divided by 16.  n: a seeded random subset of that size (None: the
+    whole split, in its order); more than the split holds is an error.
 
     Returns:
-        x: float32 (N, 1, 8, 8) in [0, 1] (N = 300 for "test", 1497 for "train",
+        x: float32 (N, 1, 8, 8) in [0, 1] (N = n, or 300 for "test", 1497 for "train",
             1797 for "all");  y: int64 (N,).
     """
     from sklearn.datasets import load_digits as _sk_digits
 
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     d = _sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
-    if split == "all":
-        return x, y
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT["seed"]))
-    test_idx, train_idx = perm[:DIGITS_SPLIT["n_test"]], perm[DIGITS_SPLIT["n_test"]:]
-    if split == "test":
-        return x[test_idx], y[test_idx]
-    if split == "train":
-        return x[train_idx], y[train_idx]
-    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split != "all":
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT["seed"]))
+        idx = perm[:DIGITS_SPLIT["n_test"]] if split == "test" else perm[DIGITS_SPLIT["n_test"]:]
+        x, y = x[idx], y[idx]
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(y):
+            raise ValueError(f"n_images: the digits {split} split has {len(y)} images, got {n!r}")
+        if n < len(y):
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+            x, y = x[idx], y[idx]
+    return x, y

@@ -200,7 +200,7 @@ def solve(x, score_model, classifier, setting: Setting, source: Noise, *, create
             if trajectory is not None:
                 trajectory.append(x)
             score, guidance = nets.drift_terms(x, t_k, setting.lam, create_graph=create_graph)
-        if score.shape != x.shape:  # the pure-torch step would broadcast it silently
+        if k == 0 and score.shape != x.shape:  # the pure-torch step would broadcast it silently
             raise ValueError(f"score_model: expected a score of x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
         x = source.step(x, score, guidance, k, grid.beta_dt(k), setting.lam)
         if callback is not None:

@@ -141,3 +141,15 @@ def test_subset_size_is_validated(tmp_path, n):
     path, _ = make_fake_cifar(tmp_path)
     with pytest.raises(ValueError, match="n must be None or an integer >= 1"):
         load_cifar(path, "test", n=n)
+
+
+def test_digits_subsets_are_seeded_and_bounded():
+    x, y = load_digits("test")
+    xs, ys = load_digits("test", n=40, seed=3)
+    assert xs.shape == (40, 1, 8, 8) and torch.equal(xs, load_digits("test", n=40, seed=3)[0])
+    rows = {tuple(r.flatten().tolist()): lab for r, lab in zip(x, y.tolist())}
+    assert all(rows[tuple(r.flatten().tolist())] == lab for r, lab in zip(xs, ys.tolist()))  # pairs kept
+    assert torch.equal(load_digits("test", n=300)[0], x)  # the whole split, in order
+    for bad in (0, 301, -3, 2.5):
+        with pytest.raises(ValueError, match="n_images: the digits test split has 300 images"):
+            load_digits("test", n=bad)

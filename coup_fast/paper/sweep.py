@@ -70,12 +70,7 @@ def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, dev
         from ..models import load_digits_models
 
         score_model, classifier = load_digits_models(device=device, weights_dir=weights_dir)
-        x, y = load_digits("test")
-        if n_images > x.shape[0]:
-            raise ValueError(f"n_images: the digits test split has {x.shape[0]} images, got {n_images}")
-        if n_images < x.shape[0]:
-            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_images]
-            x, y = x[idx], y[idx]
+        x, y = load_digits("test", n=n_images, seed=seed)
     elif data == "cifar10":
         missing = [n for n, v in (("--cifar-dir", cifar_dir), ("--score-ckpt", score_ckpt),
                                   ("--classifier-ckpt", classifier_ckpt)) if not v]
