@@ -3,8 +3,9 @@
     pytest benchmarks/bench_ops.py --benchmark-group-by=param:size --benchmark-columns=median,ops
 
 Fast provider on the current device: what coup_fast.ops dispatches to (the C++ ops on the CPU, the
-Triton kernels on a GPU; extra_info['backend'] names it); on a GPU adjoint_update also gets a
-'cuda-ext' provider, the C++/CUDA extension's kernel, when it is built.  On a GPU, extra_info carries the
+Triton kernels on a GPU, the extension's CUDA kernel for adjoint_update when built; extra_info['backend']
+names it); on a GPU adjoint_update also gets a 'triton' provider, to compare the two kernels.  On a GPU,
+extra_info carries the
 effective bandwidth in GB/s (bytes each op must read and write / median time, host launch included)
 and, for the fused ops, 'GB/s kernel': the same bytes over the device time of the kernel alone
 (20 calls captured in a CUDA graph, timed with events), to compare with the HBM bandwidth.
@@ -12,7 +13,7 @@ and, for the fused ops, 'GB/s kernel': the same bytes over the device time of th
 import pytest
 import torch
 
-from coup_fast import _ops, guidance, noise, ops, sde
+from coup_fast import guidance, noise, ops, sde
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = {"B1_cifar": (1, 3, 32, 32), "B64_cifar": (64, 3, 32, 32)}
@@ -74,15 +75,18 @@ def test_em_step(benchmark, provider, size):
     _run(benchmark, fn, 4 * x.numel() * 4, capturable=provider == "fast")  # read x, s, g; write x_{k+1}
 
 
-@pytest.mark.parametrize("provider", ["torch", "fast", "cuda-ext"])
+@pytest.mark.parametrize("provider", ["torch", "fast", "triton"])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_adjoint_update(benchmark, provider, size):
-    if provider == "cuda-ext" and not (DEVICE == "cuda" and _ops.load_extension() and _ops.extension_status()["cuda"]):
-        pytest.skip("the extension's CUDA kernel: needs a GPU and the extension built with CUDA")
+    if provider == "triton" and not (DEVICE == "cuda" and ops._triton_ok()):
+        pytest.skip("the Triton adjoint kernel: needs a GPU and triton")
     benchmark.group = f"adjoint_update {size}"
     a, v = (torch.randn(SIZES[size], device=DEVICE) for _ in range(2))
+    if provider == "triton":
+        from coup_fast.kernels.adjoint_update import adjoint_update as triton_adjoint_update
     fn = {"torch": lambda: sde.adjoint_step(a, v, 0.02), "fast": lambda: ops.adjoint_update(a, v, 0.02),
-          "cuda-ext": lambda: torch.ops.coup_fast.adjoint_update(a, v, 0.02)}[provider]
+          "triton": lambda: triton_adjoint_update(a, v, 0.02)}[provider]
+    benchmark.extra_info["adjoint_backend"] = ops.adjoint_backend(DEVICE) if provider == "fast" else provider
     _run(benchmark, fn, 3 * a.numel() * 4, capturable=provider != "torch")
 
 

@@ -1,6 +1,8 @@
 """The one choice point between fused ops and their pure-torch twins.
 
-CUDA tensors: Triton kernels (coup_fast.kernels) where triton imports, else the CUDA extension.
+CUDA tensors: Triton kernels (coup_fast.kernels) where triton imports, else the CUDA extension;
+the adjoint update, the one op of the backward pass, runs the extension's CUDA kernel when it is
+built (the C++/CUDA adjoint of the design), else the same fallbacks.
 CPU tensors: the C++ extension (OpenMP), else pure torch.  The Triton interpreter is for tests.
 `backend_info()` reports what is compiled and what each device uses.
 """
@@ -42,6 +44,14 @@ def _choose_backend(kind: str) -> str:
     return "torch"
 
 
+def adjoint_backend(device: torch.device | str) -> str:
+    """Who runs adjoint_update on `device`: the extension's CUDA kernel on CUDA when built, else backend()."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if kind == "cuda" and _ops.load_extension() and _ops.extension_status()["cuda"]:
+        return "cuda-ext"
+    return backend(kind)
+
+
 def backend_info() -> dict:
     """What is compiled and in use: extension source/error, Triton, per-device backends."""
     status = _ops.extension_status()
@@ -55,6 +65,7 @@ def backend_info() -> dict:
     }
     if torch.cuda.is_available():
         info["cuda"] = backend("cuda")
+        info["cuda_adjoint_update"] = adjoint_backend("cuda")
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
 
@@ -89,7 +100,7 @@ def em_step(x, score, guidance, rng_row, beta_dt: float, lam: float) -> torch.Te
 
 def adjoint_update(a, vjp, beta_dt: float) -> torch.Tensor:
     """Fused a + beta_dt (a/2 + vjp) (sde.adjoint_step)."""
-    which = backend(a.device)
+    which = adjoint_backend(a.device)
     if which == "triton":
         from .kernels.adjoint_update import adjoint_update as triton_adjoint_update
 

@@ -90,3 +90,16 @@ def test_errors_name_the_argument(device):
         torch.ops.coup_fast.em_step(x, torch.zeros(3, 2, device=device), None, _rng(0, device), 0.01, 0.0)
     with pytest.raises(RuntimeError, match="rng"):
         torch.ops.coup_fast.philox_normal(x, torch.zeros(2, device=device))
+
+
+def test_adjoint_update_dispatch(monkeypatch):
+    # the backward pass's op: the extension's CUDA kernel on CUDA when it is built, else the device's backend
+    from coup_fast import _ops, ops
+
+    assert ops.adjoint_backend("cpu") == ops.backend("cpu")
+    monkeypatch.setattr(ops, "_BACKENDS", {})  # what the fakes below make it choose is not kept
+    monkeypatch.setattr(_ops, "load_extension", lambda: True)
+    monkeypatch.setattr(_ops, "extension_status", lambda: {"cuda": True})
+    assert ops.adjoint_backend("cuda") == "cuda-ext"
+    monkeypatch.setattr(_ops, "extension_status", lambda: {"cuda": False})
+    assert ops.adjoint_backend("cuda") == ops.backend("cuda")
