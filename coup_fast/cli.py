@@ -207,7 +207,10 @@ def read_config_file(path: str) -> dict:
         raw = f.read()
     try:
         if path.endswith(".toml"):
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
+                import tomli as tomllib
 
             doc = tomllib.loads(raw.decode())
         else:

@@ -1,4 +1,6 @@
 """Attacks: projections, PGD+EOT, BPDA, AutoAttack through pyautoattack, on tiny models."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,6 +74,21 @@ def test_every_attack_runs_and_respects_the_threat_model(name):
     assert len(advs) == (2 if name == "aa" else 1)
     for a in advs:
         assert a.shape == x.shape and (a - x).abs().max() <= 0.05 + 1e-5 and a.min() >= 0 and a.max() <= 1
+
+
+@pytest.mark.parametrize("name", [a for a in ATTACKS if a not in ("aa-standard", "aa-rand")])
+def test_every_attack_fools_a_bare_classifier(name):
+    # a deterministic model, all images clean-correct: every attack (BPDA's straight-through on a model
+    # without purifier is plain PGD) must misclassify some (APGD keeps only successful perturbations)
+    _, clf = neural_problem()
+    x, _ = _data(8)
+    y = clf(x).argmax(1)
+    torch.manual_seed(0)
+    settings = dataclasses.replace(SMALL, bpda_iter=10)  # BPDA's paper-scaled step needs more than 3 steps
+    advs = run_attack(name, clf, x, y, norm="Linf", eps=0.3, seed=1, settings=settings)
+    with torch.no_grad():
+        for a in advs:
+            assert (clf(a).argmax(1) == y).float().mean() <= 0.625, name
 
 
 def test_attacks_are_reproducible_from_the_seed():

@@ -44,10 +44,11 @@ def test_shared_point_runs_once(monkeypatch):
 
 
 def test_attack_lowers_accuracy_of_bare_setting():
-    """Robust accuracy never exceeds 1 and a real attack budget finds something on random nets."""
+    """A real attack budget finds something: eps 0.3 on random nets takes most of the accuracy."""
     score, clf, x, y = tiny_problem(8)
     row = sweep.accuracy_point(score, clf, x, y, t_star=0.02, lam=0.0, dt=0.01, eps=0.3, n_iter=5, batch_size=8)
-    assert row["robust_acc"] <= row["clean_acc"] + 0.25  # fresh noise on re-evaluation: allow slack
+    assert 0.0 <= row["robust_acc"] <= 1.0 and 0.0 <= row["clean_acc"] <= 1.0
+    assert row["robust_acc"] < row["clean_acc"] - 0.2  # an attack that did nothing would leave them equal
 
 
 def test_presets_and_cifar_flags():

@@ -30,10 +30,13 @@ def test_purify_matches_torchsde_on_one_brownian_interval(problem, mode):
 
 def test_torchsde_adjoint_gradient_approximates_the_exact_one():
     score, clf = analytic_problem(d=4, dtype=torch.float64)
-    x = (0.3 + 0.4 * torch.rand(3, 4, dtype=torch.float64)).requires_grad_()
+    x = (0.3 + 0.4 * torch.rand(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    x.requires_grad_()
     grads = {}
-    for gradient in ("exact", "adjoint"):
+    for gradient in ("exact", "adjoint", "detached-guidance"):
         out = purify(x, score, clf, gradient=gradient, generator=torch.Generator().manual_seed(2))
         (grads[gradient],) = torch.autograd.grad((out * torch.arange(4.0, dtype=torch.float64)).sum(), x)
-    rel = ((grads["adjoint"] - grads["exact"]).norm() / grads["exact"].norm()).item()
-    assert rel < 0.1, rel
+    rel = {g: ((grads[g] - grads["exact"]).norm() / grads["exact"].norm()).item() for g in ("adjoint", "detached-guidance")}
+    # torchsde's continuous adjoint is close to the exact discrete one, and closer than a gradient
+    # without the guidance's Hessian term: an adjoint that dropped it would fail here
+    assert rel["adjoint"] < 0.02 and rel["adjoint"] < rel["detached-guidance"] / 2, rel
