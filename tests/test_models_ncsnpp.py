@@ -129,3 +129,32 @@ def test_unsafe_pickle_and_malformed_model_entry_are_refused(tmp_path):
     torch.save({"model": [torch.zeros(1)]}, odd)
     with pytest.raises(ValueError, match="'model' entry"):
         load_ncsnpp(odd, config=ncsnpp_small())
+
+
+@pytest.mark.parametrize("kind", ["same", "wider", "up", "down"])
+def test_resblock_matches_the_score_sde_definition(kind):
+    # ResnetBlockBigGANpp (Song et al. 2021, fir=False, skip_rescale=True), written out from its
+    # parameters: h = Conv_1(silu(GN_1(Conv_0(resample(silu(GN_0(x)))) + Dense_0(silu(temb)))));
+    # out = (Conv_2(resample(x)) or resample(x) + h) / sqrt(2); GroupNorm groups min(C/4, 32), eps 1e-6
+    from coup_fast.models.ncsnpp import ResnetBlockBigGANpp
+
+    F = torch.nn.functional
+    out_ch = {"same": 8, "wider": 16, "up": 8, "down": 8}[kind]
+    block = ResnetBlockBigGANpp(8, out_ch, temb_dim=12, up=kind == "up", down=kind == "down").double().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    x = torch.randn(2, 8, 8, 8, generator=g, dtype=torch.float64)
+    temb = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    resample = {"up": lambda v: F.interpolate(v, scale_factor=2, mode="nearest"),
+                "down": lambda v: F.avg_pool2d(v, 2)}.get(kind, lambda v: v)
+    b = block
+    h = F.silu(F.group_norm(x, 2, b.GroupNorm_0.weight, b.GroupNorm_0.bias, 1e-6))
+    h = F.conv2d(resample(h), b.Conv_0.weight, b.Conv_0.bias, padding=1)
+    h = h + F.linear(F.silu(temb), b.Dense_0.weight, b.Dense_0.bias)[:, :, None, None]
+    h = F.silu(F.group_norm(h, min(out_ch // 4, 32), b.GroupNorm_1.weight, b.GroupNorm_1.bias, 1e-6))
+    h = F.conv2d(h, b.Conv_1.weight, b.Conv_1.bias, padding=1)
+    skip = resample(x) if kind == "same" else F.conv2d(resample(x), b.Conv_2.weight, b.Conv_2.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), (skip + h) / 2**0.5, rtol=1e-12, atol=1e-12)

@@ -113,3 +113,66 @@ def test_dm_layout_without_statistics_uses_the_data_sets(tmp_path):
         torch.testing.assert_close(model.mean.flatten(), torch.tensor(mean))
         if n_classes == 100:
             torch.testing.assert_close(model.std.flatten(), torch.tensor(CIFAR100_STD))
+
+
+# ---- forward against a functional re-derivation from the state dict (the published block structure)
+def _bn(x, sd, p):
+    return torch.nn.functional.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"],
+                                          sd[p + ".bias"], False, 0.0, 1e-5)
+
+
+def _robustbench_reference(sd, u, n_blocks):
+    """Zagoruyko & Komodakis' pre-activation WRN as RobustBench writes it: per block
+    o = relu(bn1(x)), y = conv2(relu(bn2(conv1(o)))), out = (x or convShortcut(o)) + y."""
+    F = torch.nn.functional
+    h = F.conv2d(u, sd["conv1.weight"], padding=1)
+    for g, stride in ((1, 1), (2, 2), (3, 2)):
+        for i in range(n_blocks):
+            p = f"block{g}.layer.{i}."
+            o = F.relu(_bn(h, sd, p + "bn1"))
+            s = stride if i == 0 else 1
+            y = F.conv2d(F.relu(_bn(F.conv2d(o, sd[p + "conv1.weight"], stride=s, padding=1), sd, p + "bn2")),
+                         sd[p + "conv2.weight"], padding=1)
+            short = sd.get(p + "convShortcut.weight")
+            h = (h if short is None else F.conv2d(o, short, stride=s)) + y
+    h = F.relu(_bn(h, sd, "bn1"))
+    return F.linear(h.mean((2, 3)), sd["fc.weight"], sd["fc.bias"])
+
+
+def _dm_reference(sd, u, n_blocks):
+    """DeepMind's WRN: normalise, then per block a = swish(bn_0(x)), TF 'SAME' padding (bottom/right
+    only at stride 2), out = (x or shortcut(a)) + conv_1(swish(bn_1(conv_0(pad(a)))))."""
+    F = torch.nn.functional
+    h = F.conv2d((u - sd["mean"]) / sd["std"], sd["init_conv.weight"], padding=1)
+    for g, stride in ((0, 1), (1, 2), (2, 2)):
+        for i in range(n_blocks):
+            p = f"layer.{g}.block.{i}."
+            s = stride if i == 0 else 1
+            a = F.silu(_bn(h, sd, p + "batchnorm_0"))
+            v = F.pad(a, (1, 1, 1, 1) if s == 1 else (0, 1, 0, 1))
+            y = F.conv2d(F.silu(_bn(F.conv2d(v, sd[p + "conv_0.weight"], stride=s), sd, p + "batchnorm_1")),
+                         sd[p + "conv_1.weight"], padding=1)
+            short = sd.get(p + "shortcut.weight")
+            h = (h if short is None else F.conv2d(a, short, stride=s)) + y
+    h = F.silu(_bn(h, sd, "batchnorm"))
+    return F.linear(h.mean((2, 3)), sd["logits.weight"], sd["logits.bias"])
+
+
+def _randomized(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # BatchNorm statistics and affine terms away from identity, so each one matters
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and name not in ("mean", "std"):
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.3 + (1.0 if name.endswith("var") else 0.0))
+                if name.endswith("var"):
+                    t.abs_().add_(0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["robustbench", "dm"])
+def test_forward_matches_the_published_block_structure(layout):
+    model = _randomized(WideResNet(16, 2) if layout == "robustbench" else DMWideResNet(16, 2))
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    u = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = (_robustbench_reference if layout == "robustbench" else _dm_reference)(sd, u, n_blocks=2)
+    torch.testing.assert_close(model.double()(u), reference, rtol=1e-10, atol=1e-10)
