@@ -42,27 +42,31 @@ class NoiselessPurified(nn.Module):
         return self.classifier(out)
 
 
-def confidence_path(u, labels, score_model, classifier, *, t_star: float, dt: float, lam: float) -> np.ndarray:
+def confidence_path(u, labels, score_model, classifier, *, t_star: float, dt: float, lam: float,
+                    return_final_pred: bool = False):
     """p(labels[j] | x_t) along the noise-free guided path from u (images in [0, 1]).
 
     labels: (L, B) long, L label sets (e.g. y_true and y_adv).  Returns (L, B, N + 1) float:
     column 0 at t = t*, column k + 1 after step k.  lam = 0 is COUP without guidance.
+    return_final_pred: also the classifier's prediction at t = 0, (B,) (the purifier's output class).
     """
     grid = ReverseGrid.from_dt(t_star, dt)
     setting = Setting(grid, float(lam), "coup")
     x = image_to_state(u)
     source = Noise(x, setting, noise=torch.zeros(grid.n_steps, *x.shape, dtype=x.dtype, device=x.device))
-    columns = []
+    columns, last = [], []
 
     def record(state):
         with torch.no_grad():
             p = torch.softmax(classifier(state_to_image(state).clamp(0.0, 1.0)), dim=1)
         columns.append(torch.stack([p.gather(1, lab[:, None])[:, 0] for lab in labels]))
+        last[:] = [p]
 
     record(x)
     with torch.no_grad():
         solve(x, score_model, classifier, setting, source, callback=lambda info: record(info["x"]))
-    return torch.stack(columns, dim=-1).cpu().numpy()
+    paths = torch.stack(columns, dim=-1).cpu().numpy()
+    return (paths, last[0].argmax(1).cpu().numpy()) if return_final_pred else paths
 
 
 def run_trajectory(out_dir: str | None = "results/paper", *, data: str = "digits", n_images: int = 32,
@@ -96,15 +100,13 @@ def run_trajectory(out_dir: str | None = "results/paper", *, data: str = "digits
     arrays = {"t": t, "y_true": y[index].cpu().numpy(), "y_adv": adv_pred[index].cpu().numpy(),
               "index": index.cpu().numpy()}
     for name, weight in (("noguide", 0.0), ("guided", lam)):
-        if len(index):
-            paths = confidence_path(x_adv[index], torch.stack([y[index], adv_pred[index]]), score_model, classifier,
-                                    t_star=t_star, dt=dt, lam=weight)
+        if len(index):  # a third class may win at the end: keep the prediction itself, not only p_true vs p_adv
+            paths, final_pred = confidence_path(x_adv[index], torch.stack([y[index], adv_pred[index]]), score_model,
+                                                classifier, t_star=t_star, dt=dt, lam=weight, return_final_pred=True)
         else:
-            paths = np.zeros((2, 0, grid.n_steps + 1))
+            paths, final_pred = np.zeros((2, 0, grid.n_steps + 1)), np.zeros(0, dtype=np.int64)
         arrays[f"p_true_{name}"], arrays[f"p_adv_{name}"] = paths[0], paths[1]
-        with torch.no_grad():  # a third class may win at the end: the prediction itself, not p_true vs p_adv
-            path_end = NoiselessPurified(score_model, classifier, t_star=t_star, dt=dt, lam=weight, mode="coup")
-            arrays[f"final_pred_{name}"] = path_end(x_adv[index]).argmax(1).cpu().numpy()
+        arrays[f"final_pred_{name}"] = final_pred
         bar.update()
     bar.close()
     guided_ok = arrays["p_true_guided"][:, -1] > arrays["p_adv_guided"][:, -1]
