@@ -4,7 +4,7 @@
 #   OUT=dir bash benchmarks/gpu_session.sh build cifar suite          # second pass
 # build:  the extension in place (CUDA ops for sm_90); skipped when coup_fast/_C*.so already loads with
 #         its CUDA kernels (carry it from an earlier pass); a copy of the .so goes to $OUT for that.
-# tests:  the GPU tests (extension ops, Triton kernels, CUDA-graph engine, exact gradient, purify).
+# tests:  the GPU tests (extension ops, Triton kernels, CUDA-graph and compiled engines, exact gradient, purify).
 # digits: benchmarks/throughput.py on the shipped digits models (t* = 0.1, N = 100).
 # ops:    benchmarks/bench_ops.py (GB/s of the fused elementwise ops).
 # cifar:  throughput.py with NCSN++ deep / WRN-28-10-sized networks (random weights, N = 10 steps).
@@ -58,7 +58,7 @@ for what in "$@"; do
       # -n 4: a crash in one test takes down one worker, not the run
       stage tests "${TESTS_S:-120}" $PY -m pytest -q -n 4 --timeout=120 -p no:cacheprovider -rs \
         tests/test_ext_ops.py tests/test_kernels_em_step.py tests/test_kernels_confidence.py tests/test_graphs.py \
-        tests/test_exact_gradient.py tests/test_purify.py tests/test_noise.py ;;
+        tests/test_exact_gradient.py tests/test_purify.py tests/test_noise.py tests/test_compiled.py ;;
     digits)
       TAIL=60 stage digits "${DIGITS_S:-100}" $PY benchmarks/throughput.py --batch 1,64,512 \
         --knobs fp32,bf16 --repeat 2 --budget 2 --out "$OUT/throughput_digits.json" ;;

@@ -44,9 +44,16 @@ def _compile(fn):
     from the same `def`, and stops compiling (falls back to slow eager torch.func) after
     recompile_limit (8) variants.  Model pairs x grad mode x dtype x shape would exhaust one
     shared budget; a code object per CompiledNetworks gives each its own.
+
+    Shapes are static (dynamic=False): each batch size compiles once.  Dynamo makes a dimension
+    symbolic once it has seen two sizes at the same source line (in any instance), and with symbolic
+    sizes torch 2.11's inductor could not compile the convolution double backward of the Hessian
+    products on CUDA ("Cannot call numel() on tensor with symbolic sizes/strides"): a batch of 64 and
+    then a ragged last batch crashed.
     """
     code = fn.__code__.replace()  # an equal but distinct code object
-    return torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__))
+    return torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__),
+                         dynamic=False)
 
 
 class CompiledNetworks:
