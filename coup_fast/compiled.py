@@ -45,15 +45,22 @@ def _compile(fn):
     recompile_limit (8) variants.  Model pairs x grad mode x dtype x shape would exhaust one
     shared budget; a code object per CompiledNetworks gives each its own.
 
-    Shapes are static (dynamic=False): each batch size compiles once.  Dynamo makes a dimension
-    symbolic once it has seen two sizes at the same source line (in any instance), and with symbolic
-    sizes torch 2.11's inductor could not compile the convolution double backward of the Hessian
-    products on CUDA ("Cannot call numel() on tensor with symbolic sizes/strides"): a batch of 64 and
-    then a ragged last batch crashed.
+    Before torch 2.13 the shapes are static (each batch size compiles once): dynamo makes a
+    dimension symbolic once it has seen two sizes at the same source line (in any instance), and with
+    symbolic sizes torch 2.11 and 2.12 could not trace the convolution double backward of the Hessian products
+    ("Cannot call numel() on tensor with symbolic sizes/strides", on CPU and CUDA): a batch of 64 and
+    then an attack's ragged last batch crashed.  From 2.13 on, one dynamic-shape compilation serves
+    every later batch size.
     """
     code = fn.__code__.replace()  # an equal but distinct code object
     return torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__),
-                         dynamic=False)
+                         dynamic=None if symbolic_shapes_ok() else False)
+
+
+def symbolic_shapes_ok(version: str = torch.__version__) -> bool:
+    """Whether this torch traces the guidance Hessian products with symbolic batch sizes (2.11 and 2.12
+    did not, 2.13 does: tests/test_compiled.py::test_compiled_engine_new_batch_size_is_exact)."""
+    return torch.torch_version.TorchVersion(version.split("+")[0]) >= (2, 13)
 
 
 class CompiledNetworks:

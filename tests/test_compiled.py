@@ -40,6 +40,21 @@ def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memor
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
 
 
+@pytest.mark.parametrize("memory", ["lean", "fast"])
+def test_compiled_engine_new_batch_size_is_exact(problem, memory):
+    """An attack's ragged last batch: a second batch size after the first.  With symbolic sizes,
+    torch 2.11 could not trace the Hessian products (compiled._compile)."""
+    score, clf, x, upstream = problem
+    for batch in (3, 1):  # the module's other tests use batch 2
+        xb = torch.cat([x, 1 - x])[:batch]
+        up = torch.cat([upstream, -upstream])[:batch]
+        kw = dict(t_star=T_STAR, dt=DT, lam=LAM, noise=_noise("coup", xb.shape))
+        out, grad = out_and_grad(lambda v: purify(v, score, clf, engine="compile", memory=memory, **kw), xb, up)
+        ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, **kw), xb, up)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
+
+
 def test_compiled_engine_seeded_noise_matches_eager_and_reuses_compilation(problem):
     score, clf, x, upstream = problem
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM)
