@@ -8,7 +8,9 @@ them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
 
 * purification, images/s: `purify` (no grad) vs torchsde `sdeint` (Euler, BrownianInterval), and
   "networks": the N eager score and guidance calls alone, the floor no engine can beat without
-  changing how the networks execute (engine='compile' changes it).
+  changing how the networks execute (engine='compile' changes it); and "convolutions": only the
+  convolution kernels (forward, and the guidance's backward) of those calls, replayed: the floor for
+  any engine that keeps torch's (oneDNN's) convolutions.
 * image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint) vs DiffPure-style
   `sdeint_adjoint` (score-net parameters trainable, hence adjoint parameters: adjoint_params=None)
   and a tuned `sdeint_adjoint` (adjoint_params=()).
@@ -25,10 +27,11 @@ import argparse
 import json
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import _harness as H
 
-METHODS = ("purify", "purify-compiled", "torchsde", "networks", "exact", "exact-fast", "exact-compiled",
+METHODS = ("purify", "purify-compiled", "torchsde", "networks", "convolutions", "exact", "exact-fast", "exact-compiled",
            "exact-compiled-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
 LAM = 1.0
 
@@ -90,6 +93,17 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
                 state = 2 * x - 1
                 for k in range(setting.grid.n_steps):
                     drift_terms(state, setting.grid.t(k), score, clf, LAM)
+    elif method == "convolutions":  # only the convolution kernels of those calls, replayed
+        from coup_fast.purify import drift_terms
+
+        with torch.no_grad():  # as in "networks" (the guidance turns grad on for its backward)
+            calls = _recorded_convolutions(lambda: drift_terms(2 * x - 1, setting.grid.t(0), score, clf, LAM))
+
+        def fn():
+            with torch.no_grad():
+                for _ in range(setting.grid.n_steps):
+                    for op, args, kwargs in calls:
+                        op(*args, **kwargs)
     elif method == "torchsde":
         def fn():
             with torch.no_grad():
@@ -114,6 +128,24 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return source, fn
+
+
+class _RecordConvolutions(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+            self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _recorded_convolutions(step):
+    """The aten convolution (forward and backward) calls that step() makes, with their arguments."""
+    with _RecordConvolutions() as rec:
+        step()
+    return rec.calls
 
 
 def run_case(case: dict) -> dict:
@@ -153,13 +185,14 @@ def main(args):
     compiled = () if args.quick else ("purify-compiled", "exact-compiled", "exact-compiled-fast")  # minutes to compile
     methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint") + compiled
     for batch in batches:
-        info = timed(methods + ("networks",), batch)
+        info = timed(methods + ("networks", "convolutions"), batch)
         sec = info["seconds"]
         sec = {**dict.fromkeys(("purify-compiled", "exact-compiled", "exact-compiled-fast"), float("nan")), **sec}
         rows.append({
             "batch": batch,
             "pur_purify": batch / sec["purify"], "pur_torchsde": batch / sec["torchsde"],
             "pur_x": sec["torchsde"] / sec["purify"], "pur_ceiling": sec["torchsde"] / sec["networks"],
+            "pur_conv_ceiling": sec["torchsde"] / sec["convolutions"],
             "grad_exact": batch / sec["exact"], "grad_diffpure": batch / sec["diffpure-adjoint"],
             "grad_tuned": batch / sec["tuned-adjoint"],
             "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
@@ -173,10 +206,12 @@ def main(args):
     print(f"device: {info['device']}; models: {info['source']}; t* = {t_star}, lam = {LAM}, mode coup")
     print(f"\nthroughput (images/s, fastest of {repeats} interleaved runs; x = speed-up of coup_fast)")
     print(H.table(rows, [("batch", "B"), ("pur_purify", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
-                         ("pur_ceiling", "x ceiling"), ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
+                         ("pur_ceiling", "x ceiling"), ("pur_conv_ceiling", "x conv ceiling"), ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
                          ("grad_tuned", "tuned adj"), ("x_tuned", "x"), ("grad_fast", "exact grad fast"),
                          ("xf_diffpure", "x DiffPure")]))
     print("x ceiling = sdeint / (the networks' calls alone): the most any engine can gain without touching the networks")
+    print("x conv ceiling = sdeint / (their convolution kernels alone, replayed): the most any engine that runs the "
+          "same convolution kernels can gain")
     print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
     if compiled:
         print("\nengine='compile' (networks, guidance and Hessian-vector products as torch.compile'd functions; "
