@@ -241,8 +241,20 @@ def _device(cfg):
     if cfg.device != "auto":
         return torch.device(cfg.device)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", _local_cuda_index())
     return torch.device("cpu")
+
+
+def _local_cuda_index() -> int:
+    """This process's GPU: torchrun's LOCAL_RANK (0 without torchrun)."""
+    import torch
+
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        raise ConfigError("device", f"torchrun's local rank {local} has no GPU of its own: this node has {count} "
+                                    f"CUDA device(s); start at most {count} processes per node "
+                                    f"(--nproc_per_node) or pass --device cpu")
+    return local
 
 
 def load_everything(cfg: EvalConfig, device):
@@ -337,28 +349,28 @@ def config_from_args(args) -> EvalConfig:
         raise ConfigError("config", str(e)) from None
 
 
-def _init_distributed():
+def _init_distributed(device) -> bool:
+    """Join torchrun's process group: NCCL when this run computes on a GPU, gloo on the CPU."""
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device if device.index is not None else _local_cuda_index())
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return True
     return False
 
 
 def run_eval(args) -> int:
     cfg = validate(config_from_args(args))
-    started = _init_distributed()
+    device = _device(cfg)
+    started = _init_distributed(device)
     import torch
 
     from .evaluate import evaluate
 
     try:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        device = _device(cfg)
         t0 = time.perf_counter()
         score_model, classifier, x, y = load_everything(cfg, device)
         models, specs = build_models(cfg, score_model, classifier)
