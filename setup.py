@@ -18,7 +18,7 @@ if torch is not None and os.environ.get("COUP_FAST_NO_EXT") != "1":
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/coup_ops.cpp"]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # no -std: BuildExtension adds the one this torch's headers need (C++20 from 2.12)
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("COUP_FAST_CPU_ONLY") != "1"
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -26,7 +26,7 @@ if torch is not None and os.environ.get("COUP_FAST_NO_EXT") != "1":
             # fail on an empty list.  Turing to Hopper, with PTX that newer GPUs compile at load.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;8.6;8.9;9.0+PTX"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        ext = CUDAExtension("coup_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        ext = CUDAExtension("coup_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("coup_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -20,6 +20,10 @@ NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nv
                                  else None)
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (PATH, CUDA_HOME)")
 ARCH = "-arch=sm_80"
+# The C++ standard torch.utils.cpp_extension builds extensions with: C++20 from torch 2.12 on (2.14's
+# headers refuse anything older), C++17 before.
+TORCH_CXX_STD = "-std=c++20" if torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= (2, 12) \
+    else "-std=c++17"
 
 PROBE = r"""
 #include <cstdio>
@@ -85,7 +89,7 @@ def test_coup_ops_cu_compiles(tmp_path):
     dirs, missing = _torch_cuda_includes(tmp_path)
     if missing:
         pytest.skip(f"torch headers absent from this install: {missing}")
-    flags = ["-c", "-std=c++17", "-O0", ARCH, "--expt-relaxed-constexpr", "-w", "-DTORCH_EXTENSION_NAME=coup_check"]
+    flags = ["-c", TORCH_CXX_STD, "-O0", ARCH, "--expt-relaxed-constexpr", "-w", "-DTORCH_EXTENSION_NAME=coup_check"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     out = tmp_path / "coup_ops.o"
     src = ROOT / "csrc" / "cuda" / "coup_ops.cu"
