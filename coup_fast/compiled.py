@@ -46,11 +46,11 @@ def _compile(fn):
     shared budget; a code object per CompiledNetworks gives each its own.
 
     Before torch 2.13 the shapes are static (each batch size compiles once): dynamo makes a
-    dimension symbolic once it has seen two sizes at the same source line (in any instance), and with
-    symbolic sizes torch 2.11 and 2.12 could not trace the convolution double backward of the Hessian products
-    ("Cannot call numel() on tensor with symbolic sizes/strides", on CPU and CUDA): a batch of 64 and
-    then an attack's ragged last batch crashed.  From 2.13 on, one dynamic-shape compilation serves
-    every later batch size.
+    dimension symbolic once it has seen two sizes at the same source line (in any instance), and
+    with symbolic sizes torch 2.11 and 2.12 could not trace the convolution double backward of the
+    Hessian products ("Cannot call numel() on tensor with symbolic sizes/strides", on CPU and CUDA):
+    a batch of 64 and then an attack's ragged last batch crashed.  From 2.13 on, one dynamic-shape
+    compilation serves every later batch size.
     """
     code = fn.__code__.replace()  # an equal but distinct code object
     return torch.compile(types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__),

@@ -43,7 +43,7 @@ def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memor
 @pytest.mark.parametrize("memory", ["lean", "fast"])
 def test_compiled_engine_new_batch_size_is_exact(problem, memory):
     """An attack's ragged last batch: a second batch size after the first.  With symbolic sizes,
-    torch 2.11 could not trace the Hessian products (compiled._compile)."""
+    torch 2.11 and 2.12 could not trace the Hessian products (compiled._compile)."""
     score, clf, x, upstream = problem
     for batch in (3, 1):  # the module's other tests use batch 2
         xb = torch.cat([x, 1 - x])[:batch]

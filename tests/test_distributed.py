@@ -1,9 +1,14 @@
 """The same command under torchrun (2 gloo ranks on CPU) shards the batches and merges to the
-single-process result."""
+single-process result; the process group and GPU each rank picks."""
 import glob
+import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from coup_fast.cli import ConfigError, EvalConfig, _device, _init_distributed
 from test_resume import command, env, rows, weights_dir
 
 
@@ -18,8 +23,6 @@ def test_two_gloo_ranks_merge_to_the_single_process_table(tmp_path, tmp_path_fac
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rows(dist) == rows(single)
     assert "| reverse |" in proc.stdout and proc.stdout.count("| reverse |") == 1  # only rank 0 prints
-    import json
-
     assert json.load(open(dist / "results.json"))["meta"]["world_size"] == 2
     assert len(glob.glob(str(dist / "batches" / "*" / "**" / "batch*.json"), recursive=True)) == 16
 
@@ -27,8 +30,6 @@ def test_two_gloo_ranks_merge_to_the_single_process_table(tmp_path, tmp_path_fac
 def _fake_torchrun(monkeypatch, local_rank, gpus):
     """torchrun's variables for a 2-process job, torch seeing `gpus` GPUs, and the process group
     recorded instead of joined."""
-    import torch
-
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
@@ -42,20 +43,11 @@ def _fake_torchrun(monkeypatch, local_rank, gpus):
 
 def test_cpu_run_on_a_gpu_machine_joins_with_gloo(monkeypatch):
     """The backend follows the run's device: NCCL cannot reduce the CPU tensors of --device cpu."""
-    import torch
-
-    from coup_fast.cli import _init_distributed
-
     joined = _fake_torchrun(monkeypatch, local_rank=1, gpus=1)
     assert _init_distributed(torch.device("cpu")) and joined == ["gloo"]
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    import pytest
-    import torch
-
-    from coup_fast.cli import ConfigError, EvalConfig, _device, _init_distributed
-
     _fake_torchrun(monkeypatch, local_rank=1, gpus=1)
     with pytest.raises(ConfigError, match=r"^device: torchrun's local rank 1 has no GPU.*--nproc_per_node"):
         _device(EvalConfig())
