@@ -1,6 +1,7 @@
 """Builds coup_fast._C against the torch that is installed (install with --no-build-isolation).
 
-A CPU-only torch builds the CPU ops; a CUDA torch with nvcc also builds csrc/cuda/*.cu.
+A CPU-only torch builds the CPU ops; a CUDA torch with nvcc also builds csrc/cuda/*.cu (on a machine
+without a visible GPU only when TORCH_CUDA_ARCH_LIST names the target architectures).
 COUP_FAST_NO_EXT=1 skips the extension (coup_fast then runs on its pure-torch ops).
 """
 import glob
@@ -19,12 +20,12 @@ if torch is not None and os.environ.get("COUP_FAST_NO_EXT") != "1":
 
     sources = ["csrc/coup_ops.cpp"]
     cxx = ["-O3", "-fopenmp"]  # no -std: BuildExtension adds the one this torch's headers need (C++20 from 2.12)
-    use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("COUP_FAST_CPU_ONLY") != "1"
+    # Without a visible GPU the CUDA ops are built only on request, TORCH_CUDA_ARCH_LIST naming the
+    # targets (e.g. "8.0;9.0"): there is no GPU to read the architecture from, and a GPU-less machine
+    # with a CUDA torch and nvcc often lacks the CUDA runtime library to link against.
+    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("COUP_FAST_CPU_ONLY") != "1"
+                and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
     if use_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # No GPU to read the architecture from (a build node, a container build): torch would
-            # fail on an empty list.  Turing to Hopper, with PTX that newer GPUs compile at load.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;8.6;8.9;9.0+PTX"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension("coup_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                             extra_link_args=["-fopenmp"])
