@@ -1,31 +1,61 @@
 """NCSN++ (Score SDE DDPM++ cont. deep): key layout, checkpoint loading, EMA, shapes."""
+import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from coup_fast.models.ncsnpp import NCSNpp, load_ncsnpp, ncsnpp_cifar10_deep, ncsnpp_small
 from coup_fast.sde import vp_sigma
+from test_files import NUMPY1_SCALAR, NUMPY2_SCALAR, pickled_bytes, save_with_numpy1_names
 
 
+def _score_sde_checkpoint(path, cfg, seed=0, numpy_names="numpy2", extra=None):
+    """A file written the way score_sde's training loop writes checkpoint_8.pth.
 
-
-def _fake_checkpoint(path, cfg, seed=0):
-    """A file shaped like score_sde's checkpoint_8.pth: {'model', 'ema', 'optimizer', 'step'}.
-
-    model keys carry 'module.' (DataParallel) plus the 'sigmas' buffer real files have;
-    the EMA shadow params differ from the model weights.
+    run_lib.train: model = DataParallel(NCSNpp) (keys 'module.*', with the 'sigmas' buffer the
+    official NCSNpp registers), optimizer = Adam(lr=2e-4, betas=(0.9, 0.999), eps=1e-8),
+    ema = ExponentialMovingAverage(params, 0.9999).  losses.optimization_manager sets
+    g['lr'] = lr * np.minimum(step / warmup, 1.0), a numpy.float64, before optimizer.step();
+    then ema.update.  utils.save_checkpoint: torch.save({'optimizer': optimizer.state_dict(),
+    'model': model.state_dict(), 'ema': ema.state_dict(), 'step': step}).
+    Returns (model state dict without prefix, EMA shadow params).
     """
     torch.manual_seed(seed)
     net = NCSNpp(cfg)
-    model_sd = {"module." + k: v.clone() for k, v in net.state_dict().items()}
-    model_sd["module.sigmas"] = torch.linspace(50.0, 0.01, 1000)
-    shadow = [p.detach() + 0.5 * torch.randn_like(p) for p in net.parameters()]
-    torch.save({"model": model_sd,
-                "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
-                "optimizer": {"state": {}, "param_groups": []},
-                "step": 1234}, path)
-    return net, shadow
+    sigmas = np.exp(np.linspace(np.log(50.0), np.log(0.01), 1000))  # utils.get_sigmas: float64
+    net.register_buffer("sigmas", torch.tensor(sigmas))
+    model = torch.nn.DataParallel(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    shadow = [p.clone().detach() for p in model.parameters() if p.requires_grad]
+    step, decay, num_updates = 1, 0.9999, 0
+    loss = model(torch.randn(1, 3, 32, 32), torch.tensor([500.0])).square().mean()
+    loss.backward()
+    for g in optimizer.param_groups:
+        g["lr"] = 2e-4 * np.minimum(step / 5000, 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    optimizer.step()
+    num_updates += 1  # ExponentialMovingAverage.update with use_num_updates=True
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    with torch.no_grad():
+        for s, p in zip(shadow, model.parameters()):
+            s.sub_((1 - d) * (s - p))
+    ckpt = {"optimizer": optimizer.state_dict(), "model": model.state_dict(),
+            "ema": {"decay": decay, "num_updates": num_updates, "shadow_params": shadow}, "step": step}
+    assert type(ckpt["optimizer"]["param_groups"][0]["lr"]) is np.float64
+    ckpt.update(extra or {})
+    (save_with_numpy1_names if numpy_names == "numpy1" else torch.save)(ckpt, path)
+    model_sd = {k[len("module."):]: v.detach().clone() for k, v in ckpt["model"].items()}
+    return model_sd, shadow
+
+
+def _ema_state_dict(cfg, shadow):
+    """score_sde's ema.copy_to(model.parameters()): the shadow list laid onto the parameters in order."""
+    with torch.device("meta"):
+        names = [name for name, _ in NCSNpp(cfg).named_parameters()]
+    assert len(names) == len(shadow)
+    return dict(zip(names, shadow))
 
 
 def test_full_config_layout_and_parameter_count():
@@ -60,23 +90,90 @@ def test_full_model_forward_batch1():
     assert time.time() - t0 < 60
 
 
-def test_load_uses_ema_and_strips_prefix(tmp_path):
+@pytest.mark.parametrize("numpy_names", ["numpy2", "numpy1"])
+def test_score_sde_checkpoint_with_numpy_learning_rate_loads(tmp_path, numpy_names):
     cfg = ncsnpp_small()
     path = tmp_path / "checkpoint_8.pth"
-    net, shadow = _fake_checkpoint(path, cfg)
+    model_sd, shadow = _score_sde_checkpoint(path, cfg, numpy_names=numpy_names)
+    stream = pickled_bytes(path)  # the file carries the numpy scalar under the name set under test
+    assert (NUMPY1_SCALAR in stream) == (numpy_names == "numpy1")
+    assert (NUMPY2_SCALAR in stream) == (numpy_names == "numpy2")
     loaded = load_ncsnpp(path, config=cfg, return_net=True)
-    for p, s in zip(loaded.parameters(), shadow):
-        assert torch.equal(p, s)
+    expected = _ema_state_dict(cfg, shadow)
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    assert any(not torch.equal(expected[k], model_sd[k]) for k in expected)  # EMA != raw weights
     raw = load_ncsnpp(path, config=cfg, use_ema=False, return_net=True)
-    for p, q in zip(raw.parameters(), net.parameters()):
-        assert torch.equal(p, q)
+    for name, p in raw.named_parameters():
+        assert torch.equal(p, model_sd[name]), name
     assert not loaded.training
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "model_and_ema_dict", "plain_state_dict"])
+def test_ema_weights_from_safetensors_and_plain_dicts(tmp_path, fmt):
+    cfg = ncsnpp_small()
+    model_sd, shadow = _score_sde_checkpoint(tmp_path / "checkpoint_8.pth", cfg)
+    ema_sd = _ema_state_dict(cfg, shadow)
+    if fmt == "safetensors":  # the conversion the docstring gives
+        from safetensors.torch import save_file
+        path = tmp_path / "ema.safetensors"
+        save_file(load_ncsnpp(tmp_path / "checkpoint_8.pth", config=cfg, return_net=True).state_dict(), str(path))
+    elif fmt == "model_and_ema_dict":
+        path = tmp_path / "model_ema.pth"
+        torch.save({"model": {"module." + k: v for k, v in model_sd.items()},
+                    "ema": {"shadow_params": shadow}}, path)
+    else:  # already-EMA weights, DataParallel prefix, the official sigmas buffer
+        path = tmp_path / "ema_state_dict.pth"
+        torch.save({"module." + k: v for k, v in {**ema_sd, "sigmas": model_sd["sigmas"]}.items()}, path)
+    loaded = load_ncsnpp(path, config=cfg, return_net=True)
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, ema_sd[name]), name
+
+
+def test_use_ema_without_an_ema_entry_says_what_to_do(tmp_path):
+    cfg = ncsnpp_small()
+    model_sd, _ = _score_sde_checkpoint(tmp_path / "ck.pth", cfg)
+    path = tmp_path / "model_only.pth"
+    torch.save({"model": model_sd, "step": 3}, path)
+    with pytest.raises(ValueError, match=r"'ema' entry.*use_ema=False"):
+        load_ncsnpp(path, config=cfg)
+    net = load_ncsnpp(path, config=cfg, use_ema=False, return_net=True)
+    assert all(torch.equal(p, model_sd[n]) for n, p in net.named_parameters())
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_score_sde_checkpoint_with_code_is_refused_naming_the_global(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "checkpoint_8.pth"
+    _score_sde_checkpoint(path, ncsnpp_small(), extra={"config": _Payload(marker)})
+    with pytest.raises(ValueError, match=rf"refused.*GLOBAL {os.system.__module__}\.system"):
+        load_ncsnpp(path, config=ncsnpp_small())
+    assert not marker.exists()
+
+
+def test_garbage_file_is_reported_as_damaged(tmp_path):
+    path = tmp_path / "checkpoint_8.pth"
+    path.write_bytes(bytes(range(1, 200)))
+    with pytest.raises(ValueError, match="not a torch checkpoint"):
+        load_ncsnpp(path, config=ncsnpp_small())
+    good = tmp_path / "good.pth"
+    _score_sde_checkpoint(good, ncsnpp_small())
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_ncsnpp(path, config=ncsnpp_small())
 
 
 def test_score_wrapper_and_shapes(tmp_path):
     cfg = ncsnpp_small()
     path = tmp_path / "ck.pth"
-    _fake_checkpoint(path, cfg)
+    _score_sde_checkpoint(path, cfg)
     score = load_ncsnpp(path, config=cfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     t = torch.tensor([0.05, 0.1])
@@ -91,17 +188,21 @@ def test_score_wrapper_and_shapes(tmp_path):
 
 def test_wrong_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "small.pth"
-    _fake_checkpoint(path, ncsnpp_small())
+    _score_sde_checkpoint(path, ncsnpp_small())
     with pytest.raises(ValueError, match=r"(?s)NCSN\+\+.*(missing|shape)"):
         load_ncsnpp(path)  # expects the full deep config
     other = tmp_path / "wrn.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(16, 3, 3, 3)}}, other)
     with pytest.raises(ValueError, match=r"missing.*unexpected.*conv1\.weight"):
         load_ncsnpp(other, config=ncsnpp_small())
-    bare = tmp_path / "bare.pth"
+    bare = tmp_path / "bare.pth"  # a plain state dict of something else: its keys are named
     torch.save({"conv1.weight": torch.zeros(1)}, bare)
-    with pytest.raises(ValueError, match="'model' entry"):
+    with pytest.raises(ValueError, match=r"missing.*all_modules.*unexpected.*conv1\.weight"):
         load_ncsnpp(bare)
+    neither = tmp_path / "neither.pth"
+    torch.save({"weights": [torch.zeros(1)], "step": 3}, neither)
+    with pytest.raises(ValueError, match="'model' entry.*plain NCSN\\+\\+ state dict"):
+        load_ncsnpp(neither)
 
 
 @pytest.mark.parametrize("cfg", [ncsnpp_small(), ncsnpp_cifar10_deep()])

@@ -1,10 +1,9 @@
-"""WideResNets in RobustBench's state-dict formats: layouts, sizes, loading, errors."""
+"""WideResNets in the RobustBench, DiffPure and DeepMind state-dict formats: layouts, sizes,
+loading, layout detection, errors."""
 import pytest
 import torch
 
-from coup_fast.models.wideresnet import DMWideResNet, WideResNet, load_wideresnet
-
-
+from coup_fast.models.wideresnet import DiffPureWideResNet, DMWideResNet, WideResNet, load_wideresnet
 
 
 def _count(model):
@@ -78,7 +77,7 @@ def test_round_trip_dm_layout_and_missing_mean_std(tmp_path):
 def test_wrong_architecture_is_a_clear_error(tmp_path):
     path = tmp_path / "wrn.pt"
     torch.save(WideResNet(16, 2).state_dict(), path)
-    with pytest.raises(ValueError, match=r"DMWideResNet-16-2.*missing keys.*init_conv"):
+    with pytest.raises(ValueError, match=r"layout='dm' does not fit.*TRADES.*'robustbench'.*'diffpure'.*'dm'"):
         load_wideresnet(path, depth=16, widen=2, layout="dm")
     with pytest.raises(ValueError, match=r"WideResNet-22-2.*missing keys"):
         load_wideresnet(path, depth=22, widen=2)
@@ -109,7 +108,7 @@ def test_dm_layout_without_statistics_uses_the_data_sets(tmp_path):
         sd = {k: v for k, v in DMWideResNet(16, 2, n_classes).state_dict().items() if k not in ("mean", "std")}
         path = tmp_path / f"dm{n_classes}.pt"
         torch.save(sd, path)
-        model = load_wideresnet(path, depth=16, widen=2, layout="dm", num_classes=n_classes)
+        model = load_wideresnet(path, depth=16, widen=2)  # layout and class count read from the file
         torch.testing.assert_close(model.mean.flatten(), torch.tensor(mean))
         if n_classes == 100:
             torch.testing.assert_close(model.std.flatten(), torch.tensor(CIFAR100_STD))
@@ -176,3 +175,104 @@ def test_forward_matches_the_published_block_structure(layout):
     u = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     reference = (_robustbench_reference if layout == "robustbench" else _dm_reference)(sd, u, n_blocks=2)
     torch.testing.assert_close(model.double()(u), reference, rtol=1e-10, atol=1e-10)
+
+
+# ---- each layout through the loader, against its published definition
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # DiffPure's classifiers/cifar10_resnet.py
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def _diffpure_reference(sd, u, n_blocks):
+    """DiffPure's WideResNet: the TRADES network applied to (u - mean) / std, where mean/std are
+    plain float32 tensor attributes (torch.tensor(mean).view(3, 1, 1)), not state-dict entries."""
+    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1).to(u.dtype)
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1).to(u.dtype)
+    return _robustbench_reference(sd, (u - mean) / std, n_blocks)
+
+
+def _diffpure_weights_file(path, depth, widen, num_classes=10):
+    """A file as DiffPure ships weights.pt: a raw state dict saved from DataParallel ('module.'
+    keys, which its update_state_dict strips), TRADES key names, no mean/std entries."""
+    sd = _randomized(WideResNet(depth, widen, num_classes)).state_dict()
+    torch.save({"module." + k: v for k, v in sd.items()}, path)
+    return {k: v.double() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("layout, depth, widen, passed_layout", [
+    ("robustbench", 16, 2, None),
+    ("diffpure", 10, 2, "diffpure"),
+    ("diffpure", 70, 1, None),       # depth 70 with TRADES keys: DiffPure's WRN-70-16(-dropout) by default
+    ("robustbench", 70, 1, "robustbench"),
+    ("dm", 16, 2, None),              # DeepMind keys detected
+])
+def test_each_layout_loads_to_its_published_definition(tmp_path, layout, depth, widen, passed_layout):
+    path = tmp_path / "weights.pt"
+    n_blocks = (depth - 4) // 6
+    if layout == "dm":
+        sd = _randomized(DMWideResNet(depth, widen)).state_dict()
+        torch.save(sd, path)
+        sd = {k: v.double() for k, v in sd.items()}
+    else:
+        sd = _diffpure_weights_file(path, depth, widen)
+    model = load_wideresnet(path, depth=depth, widen=widen, layout=passed_layout)
+    assert type(model) is {"robustbench": WideResNet, "diffpure": DiffPureWideResNet, "dm": DMWideResNet}[layout]
+    assert not model.training
+    assert ("mean" in model.state_dict()) == (layout == "dm")  # DiffPure's statistics are not state
+    u = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = {"robustbench": _robustbench_reference, "diffpure": _diffpure_reference,
+                 "dm": _dm_reference}[layout](sd, u, n_blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(u), reference, rtol=1e-10, atol=1e-10)
+
+
+def test_diffpure_and_robustbench_layouts_really_differ(tmp_path):
+    path = tmp_path / "weights.pt"
+    sd = _diffpure_weights_file(path, 10, 2)
+    u = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        as_diffpure = load_wideresnet(path, depth=10, widen=2, layout="diffpure").double()(u)
+        as_robustbench = load_wideresnet(path, depth=10, widen=2, layout="robustbench").double()(u)
+    torch.testing.assert_close(as_robustbench, _robustbench_reference(sd, u, 1), rtol=1e-10, atol=1e-10)
+    assert (as_diffpure - as_robustbench).abs().max() > 0.1 * as_robustbench.abs().max()
+
+
+def test_diffpure_normalisation_is_real_after_a_meta_build_and_not_in_the_state_dict(tmp_path):
+    path = tmp_path / "weights.pt"
+    _diffpure_weights_file(path, 10, 1)
+    model = load_wideresnet(path, depth=10, widen=1, layout="diffpure")
+    assert not any(k in model.state_dict() for k in ("mean", "std"))
+    assert model.mean.device.type == "cpu" and model.mean.flatten().tolist() == torch.tensor(CIFAR10_MEAN).tolist()
+    model.load_state_dict(WideResNet(10, 1).state_dict(), strict=True)  # DiffPure's keys, exactly
+
+
+def test_layout_errors_list_the_layouts_and_the_key_family(tmp_path):
+    trades = tmp_path / "trades.pt"
+    _diffpure_weights_file(trades, 10, 1)
+    deepmind = tmp_path / "dm.pt"
+    torch.save(DMWideResNet(10, 1).state_dict(), deepmind)
+    with pytest.raises(ValueError, match=r"layout='diffpure' does not fit.*DeepMind family.*\['dm'\]"):
+        load_wideresnet(deepmind, depth=10, widen=1, layout="diffpure")
+    with pytest.raises(ValueError, match=r"layout='dm' does not fit.*TRADES family.*\['robustbench', 'diffpure'\]"):
+        load_wideresnet(trades, depth=10, widen=1, layout="dm")
+    with pytest.raises(ValueError, match=r"layout must be one of \['robustbench', 'diffpure', 'dm'\].*'trades'"):
+        load_wideresnet(trades, depth=10, widen=1, layout="trades")
+    other = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ValueError, match=r"neither TRADES keys.*nor DeepMind keys.*encoder.weight"):
+        load_wideresnet(other)
+    with pytest.raises(ValueError, match=r"activation applies to layout='dm' only"):
+        load_wideresnet(trades, depth=10, widen=1, activation="silu")
+
+
+@pytest.mark.parametrize("layout", ["diffpure", "dm"])
+def test_num_classes_is_read_from_the_file_and_checked(tmp_path, layout):
+    path = tmp_path / "c100.pt"
+    if layout == "dm":
+        torch.save(DMWideResNet(10, 1, num_classes=100).state_dict(), path)
+    else:
+        _diffpure_weights_file(path, 10, 1, num_classes=100)
+    model = load_wideresnet(path, depth=10, widen=1, layout=layout)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    head = "logits.weight" if layout == "dm" else "fc.weight"
+    with pytest.raises(ValueError, match=rf"num_classes=10, but .* has 100 classes \({head}"):
+        load_wideresnet(path, depth=10, widen=1, layout=layout, num_classes=10)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .._files import load_weights_file
+from .._files import load_state_dict_strict, load_weights_file, strip_module_prefix
 from ..score import score_sde_continuous
 
 __all__ = ["NCSNppConfig", "NCSNpp", "ncsnpp_cifar10_deep", "ncsnpp_small", "load_ncsnpp"]
@@ -258,26 +258,58 @@ class NCSNpp(nn.Module):
         return mods[i + 1](h)
 
 
-def _strip_prefix(sd: dict, prefix: str = "module.") -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values())
 
 
-def _key_report(missing, unexpected, n: int = 5) -> str:
-    return (f"{len(missing)} missing (first: {list(missing)[:n]}), "
-            f"{len(unexpected)} unexpected (first: {list(unexpected)[:n]})")
+def _model_weights(path, ckpt) -> tuple[dict, bool]:
+    """(state dict, whether the file is a checkpoint dict that may carry 'ema')."""
+    if isinstance(ckpt, dict) and "model" in ckpt:
+        if not isinstance(ckpt["model"], dict):
+            raise ValueError(f"{path}: the 'model' entry is a {type(ckpt['model']).__name__}, "
+                             "expected a state dict")
+        return ckpt["model"], True
+    if _is_tensor_dict(ckpt):
+        return ckpt, False  # already the weights to use (e.g. the EMA weights re-saved)
+    raise ValueError(
+        f"{path}: expected a Score SDE checkpoint dict with a 'model' entry (and 'ema'), or a "
+        f"plain NCSN++ state dict of tensors; got {type(ckpt).__name__}"
+        + (f" with keys {list(ckpt)[:5]}" if isinstance(ckpt, dict) else ""))
+
+
+def _ema_shadow(path, ckpt) -> list:
+    ema = ckpt.get("ema")
+    shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
+    if not isinstance(shadow, (list, tuple)) or not all(torch.is_tensor(s) for s in shadow):
+        raise ValueError(f"{path}: use_ema=True needs an 'ema' entry with a 'shadow_params' list "
+                         "of tensors (score_sde's ExponentialMovingAverage.state_dict()); "
+                         "pass use_ema=False to use the 'model' weights")
+    return list(shadow)
 
 
 def load_ncsnpp(path, device="cpu", use_ema: bool = True, config: NCSNppConfig | None = None,
                 return_net: bool = False):
     """Load a Score SDE NCSN++ checkpoint (e.g. ``checkpoint_8.pth``) as a score model.
 
-    The file is a dict ``{'model': state_dict, 'ema': {'shadow_params': [...], 'decay',
-    'num_updates'}, 'optimizer', 'step'}``; ``model`` keys may carry ``module.``
-    (DataParallel).  The ``sigmas`` buffer some checkpoints carry is ignored (it only
-    matters for scale_by_sigma=True).  With ``use_ema`` the EMA shadow parameters are
-    copied onto ``model.parameters()`` in order, as score_sde's ``ema.copy_to`` does.
+    Accepted files (the format is read from the content):
 
-    Loading uses ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+    - Score SDE's own checkpoint, as its ``save_checkpoint`` writes it: ``{'model':
+      state_dict, 'ema': {'decay', 'num_updates', 'shadow_params': [...]}, 'optimizer',
+      'step'}``, or any ``{'model': ..., 'ema': ...}`` dict.  ``model`` keys may carry
+      ``module.`` (DataParallel).  With ``use_ema`` (the default, and the weights the paper
+      uses) the EMA shadow parameters replace ``model.parameters()`` in order, as score_sde's
+      ``ema.copy_to`` does.  The optimizer's numpy-float64 learning rate is allowed through.
+    - A plain NCSN++ state dict (``.pth`` or ``.safetensors``): taken as the weights to use,
+      i.e. already the EMA weights; ``use_ema`` does not apply.
+
+    The ``sigmas`` buffer some checkpoints carry is ignored (it only matters for
+    scale_by_sigma=True).  Nothing in the file is executed (``coup_fast._files.load_weights_file``).
+    To convert a checkpoint once into a file holding only the EMA weights::
+
+        from safetensors.torch import save_file
+        from coup_fast.models import load_ncsnpp
+        net = load_ncsnpp("checkpoint_8.pth", return_net=True)  # EMA weights applied
+        save_file(net.state_dict(), "cifar10_ddpmpp_deep_continuous_ema.safetensors")
 
     Returns:
         A :class:`coup_fast.score.EpsilonScore` in eval mode: ``score(x, t)``, x (B, 3, 32, 32)
@@ -285,42 +317,30 @@ def load_ncsnpp(path, device="cpu", use_ema: bool = True, config: NCSNppConfig |
         With ``return_net=True``, the bare :class:`NCSNpp` instead.
 
     Raises:
-        ValueError: the state dict does not match the expected architecture.
+        ValueError: the file is not one of the above, is refused by the safe loader, or does
+            not match the architecture (missing / unexpected keys or shapes named).
     """
     cfg = config or ncsnpp_cifar10_deep()
     ckpt = load_weights_file(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path}: expected a Score SDE checkpoint dict with a 'model' entry, "
-                         f"got {type(ckpt).__name__} with keys "
-                         f"{list(ckpt)[:5] if isinstance(ckpt, dict) else '-'}")
-    sd = _strip_prefix(ckpt["model"])
+    sd, is_checkpoint = _model_weights(path, ckpt)
+    sd = strip_module_prefix(sd)
     sd.pop("sigmas", None)
     # Build on the meta device: no memory and no random init for weights we overwrite.
     with torch.device("meta"):
         net = NCSNpp(cfg)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
     arch = f"NCSN++ {asdict(cfg)} (Score SDE vp/cifar10_ddpmpp_deep_continuous layout)"
-    if missing or unexpected:
-        raise ValueError(f"{path}: state dict does not match {arch}: "
-                         + _key_report(missing, unexpected))
-    bad = [k for k in expected if sd[k].shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch for {arch}, e.g. {bad[0]}: checkpoint "
-                         f"{tuple(sd[bad[0]].shape)} vs model {tuple(expected[bad[0]].shape)}")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    if use_ema:
-        ema = ckpt.get("ema")
-        shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
-        params = list(net.parameters())
-        if shadow is None or len(shadow) != len(params):
-            raise ValueError(f"{path}: 'ema' has {None if shadow is None else len(shadow)} shadow "
-                             f"params, {arch} has {len(params)} parameters")
+    load_state_dict_strict(net, sd, path, arch)
+    if use_ema and is_checkpoint:
+        shadow = _ema_shadow(path, ckpt)
+        params = list(net.named_parameters())
+        if len(shadow) != len(params):
+            raise ValueError(f"{path}: 'ema' has {len(shadow)} shadow params, {arch} has "
+                             f"{len(params)} parameters")
         with torch.no_grad():
-            for p, s in zip(params, shadow):
+            for (name, p), s in zip(params, shadow):
                 if p.shape != s.shape:
-                    raise ValueError(f"{path}: EMA shadow param shape {tuple(s.shape)} != {tuple(p.shape)}")
+                    raise ValueError(f"{path}: EMA shadow param for {name} is {tuple(s.shape)}, "
+                                     f"the model's is {tuple(p.shape)}")
                 p.copy_(s)
     net = net.to(device).eval()
     if return_net:
