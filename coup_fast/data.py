@@ -8,7 +8,14 @@ Nothing here downloads anything.  CIFAR must already be on disk in the standard
 
 either as the extracted directory or as the original ``.tar.gz``.  Each file is a
 pickled dict with ``b'data'`` (uint8, (N, 3072), channel-major RGB 32x32) and
-``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
+``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).  From an archive only the members
+at exactly those paths are read (optionally with a leading ``./``), never a same-named file in
+another folder; a member or file larger than the real one can be (see ``_MAX_BYTES_PER_IMAGE``)
+is refused before it is read.
+
+The default CIFAR subset is the paper's: ``np.random.RandomState(0).choice(10000, 512,
+replace=False)`` of the test set, in that order, the images DiffPure and COUP evaluate
+(``load_cifar(..., subset="paper")``).
 
 Security: those files are pickles, and unpickling an untrusted pickle can execute
 arbitrary code.  We parse them with :class:`_RestrictedUnpickler`, which only
@@ -29,7 +36,7 @@ import tarfile
 import numpy as np
 import torch
 
-__all__ = ["load_cifar", "load_digits", "DIGITS_SPLIT"]
+__all__ = ["load_cifar", "load_digits", "DIGITS_SPLIT", "CIFAR_SUBSETS"]
 
 # Globals a CIFAR pickle may reference.  numpy moved `core` to `_core` in 2.0 and
 # pickles written by either version name either module.
@@ -66,46 +73,99 @@ _FILES = {
 }
 _LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 _SUBDIR = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+# Images in each real file: CIFAR-10's batches and CIFAR-100's test file hold 10,000, CIFAR-100's
+# train file 50,000.
+_IMAGES_PER_FILE = {"cifar10": dict.fromkeys(_FILES["cifar10"]["train"] + ["test_batch"], 10_000),
+                    "cifar100": {"train": 50_000, "test": 10_000}}
+# A real file is its images' 3072 pixel bytes each plus about 32 bytes per image of labels, file
+# names and pickle framing (data_batch_1: 31,035,704 bytes; cifar-100-python/train: about 155 MB).
+# 128 bytes per image leaves a wide margin for re-pickled copies; anything larger is not a CIFAR
+# file, and reading it whole could exhaust memory.
+_MAX_BYTES_PER_IMAGE = 3072 + 128
+# load_cifar's image subsets: "paper" is DiffPure's and COUP's numpy choice, "seeded" a torch permutation.
+CIFAR_SUBSETS = ("paper", "seeded")
+
+
+def _too_large(what: str, limit: int, size: int | None = None) -> ValueError:
+    got = f"{size:,} bytes, " if size is not None else ""
+    return ValueError(f"{what}: {got}larger than any real CIFAR file ({limit:,} bytes at most); refusing to read it")
+
+
+def _read_bounded(f, limit: int, what: str, size: int) -> bytes:
+    """All of file object f, whose stated size is `size`, refusing more than `limit` bytes (`what`
+    names it in the error).  The stated size is checked before a byte is read, the bytes read after."""
+    if size > limit:
+        raise _too_large(what, limit, size)
+    data = f.read(limit + 1)  # + 1: a file that grew past its stated size is still seen as too long
+    if len(data) > limit:
+        raise _too_large(what, limit)
+    return data
 
 
 def _read_members(path: str, names: list[str], dataset: str) -> list[bytes]:
     """Raw bytes of each named batch file, from a directory or a .tar.gz."""
+    limits = {n: _IMAGES_PER_FILE[dataset][n] * _MAX_BYTES_PER_IMAGE for n in names}
     if os.path.isdir(path):
         # Accept either the batch directory itself or its parent.
         for d in (path, os.path.join(path, _SUBDIR[dataset])):
             if all(os.path.isfile(os.path.join(d, n)) for n in names):
                 out = []
                 for n in names:
-                    with open(os.path.join(d, n), "rb") as f:
-                        out.append(f.read())
+                    file = os.path.join(d, n)
+                    with open(file, "rb") as f:
+                        out.append(_read_bounded(f, limits[n], file, os.fstat(f.fileno()).st_size))
                 return out
         raise FileNotFoundError(
             f"{path!r} does not contain the {dataset} python-version files {names} "
             f"(expected them directly or under {_SUBDIR[dataset]}/)")
     if os.path.isfile(path) and tarfile.is_tarfile(path):
+        # the members at the archives' own paths, e.g. cifar-10-batches-py/test_batch
+        wanted = {f"{_SUBDIR[dataset]}/{n}": n for n in names}
+        found = {}
         with tarfile.open(path, "r:*") as tar:
-            by_base = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in names if n not in by_base]
+            for member in tar.getmembers():
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if name not in wanted:
+                    continue
+                if not member.isfile():
+                    raise ValueError(f"archive {path!r}: member {member.name!r} is not a regular file")
+                if name in found:
+                    raise ValueError(f"archive {path!r} holds {name!r} twice ({found[name].name!r}, "
+                                     f"{member.name!r}): refusing to choose one")
+                found[name] = member
+            missing = [w for w in wanted if w not in found]
             if missing:
-                raise FileNotFoundError(f"archive {path!r} lacks {dataset} files {missing}")
-            # Read the members' bytes only: nothing is extracted to disk.
-            return [tar.extractfile(by_base[n]).read() for n in names]
+                raise FileNotFoundError(f"archive {path!r} lacks the {dataset} members {missing} "
+                                        "(the paths of the original archive, optionally with a leading './')")
+            out = []
+            for name, n in wanted.items():
+                member = found[name]
+                # Read the members' bytes only: nothing is extracted to disk.  The size is the
+                # member header's: a too-large member is refused before a byte is decompressed.
+                out.append(_read_bounded(tar.extractfile(member), limits[n], f"{path}: member {member.name}",
+                                         member.size))
+            return out
     raise FileNotFoundError(
         f"CIFAR path {path!r} is neither a directory nor a .tar.gz archive; "
         f"download the {dataset} 'python version' yourself and pass its location")
 
 
 def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 0,
-               dataset: str = "cifar10") -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a seeded random subset of CIFAR-10/100 from a local python-version archive.
+               dataset: str = "cifar10", subset: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a subset of CIFAR-10/100 from a local python-version archive.
 
     Args:
         path: the extracted directory (or its parent) or the ``.tar.gz``.
         split: "train" or "test".
         n: subset size (512 as in the paper's evaluation); None or >= size for all,
             in the original order.
-        seed: seed of the subset permutation (a fixed seed gives the same subset).
+        seed: seed of the subset (a fixed seed gives the same subset); DiffPure's ``data_seed``.
         dataset: "cifar10" or "cifar100".
+        subset: "paper" (default): ``np.random.RandomState(seed).choice(size, n, replace=False)``,
+            in that order, as DiffPure's ``data.cifar10_dataset_sub`` picks (and torch's
+            ``Subset`` orders) the images DiffPure and COUP evaluate: with n = 512, seed = 0, the
+            paper's CIFAR-10 test images.  seed must then lie in [0, 2**32 - 1].
+            "seeded": the first n of ``torch.randperm(size)`` under ``manual_seed(seed)``.
 
     Returns:
         x: float32 (n, 3, 32, 32) in [0, 1];  y: int64 (n,).
@@ -116,6 +176,13 @@ def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be None or an integer >= 1, got {n!r}")
+    if subset not in CIFAR_SUBSETS:
+        raise ValueError(f"subset must be one of {CIFAR_SUBSETS}, got {subset!r}")
+    # numpy's RandomState takes seeds in [0, 2**32); torch's generator in [-2**63, 2**64)
+    seed_range = (0, 2**32 - 1) if subset == "paper" else (-(2**63), 2**64 - 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not seed_range[0] <= seed <= seed_range[1]:
+        raise ValueError(f"seed must be an integer in [{seed_range[0]}, {seed_range[1]}] for subset={subset!r}, "
+                         f"got {seed!r}")
     names = _FILES[dataset][split]
     n_classes = 100 if dataset == "cifar100" else 10
     xs, ys = [], []
@@ -135,7 +202,10 @@ def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 
     x = np.concatenate(xs).reshape(-1, 3, 32, 32)
     y = np.concatenate(ys)
     if n is not None and n < len(y):
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+        if subset == "paper":
+            idx = np.random.RandomState(seed).choice(len(y), n, replace=False)
+        else:
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].numpy()
         x, y = x[idx], y[idx]
     return torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y)
 

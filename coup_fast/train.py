@@ -1,4 +1,4 @@
-"""Train the embedded digits models (the ones shipped in ``coup_fast/weights/``).
+"""Train the embedded digits models (the ones shipped in ``coup_fast/weights/`` were made this way).
 
     python -m coup_fast.train digits [--out DIR] [--steps N] [--clf-steps M] [--seed S] [--restart]
 
@@ -11,9 +11,11 @@
   t ~ U(1e-3, 0.2) and half t ~ U(1e-3, 1).  The saved weights are an EMA of the iterates.
 
 Everything is seeded; about 12 minutes on 2 CPU cores.  Writes ``digits_score.safetensors``,
-``digits_classifier.safetensors`` and ``digits.json`` (configs + measured metrics).  An interrupted
-run resumes when the same command is run again (checkpoints in ``OUT/.train_checkpoints``,
-removed at the end).
+``digits_classifier.safetensors`` and ``digits.json`` (configs + measured metrics) to ``--out``,
+by default ``./coup_fast_weights`` (never the installed package: use them with
+``coup-fast eval --weights-dir DIR`` or ``load_digits_models(weights_dir=DIR)``; to replace the
+shipped ones, pass ``--out coup_fast/weights`` in a source checkout).  An interrupted run resumes
+when the same command is run again (checkpoints in ``OUT/.train_checkpoints``, removed at the end).
 """
 from __future__ import annotations
 
@@ -31,12 +33,16 @@ from tqdm import tqdm
 
 from ._files import atomic_write, atomic_write_text
 from .data import DIGITS_SPLIT, load_digits
-from .models.digits import (CLASSIFIER_FILE, META_FILE, SCORE_FILE, WEIGHTS_DIR,
-                            DigitsClassifier, DigitsEpsNet)
+from .models.digits import CLASSIFIER_FILE, META_FILE, SCORE_FILE, DigitsClassifier, DigitsEpsNet
 from .sde import vp_alpha, vp_sigma
 
 T_EPS = 1e-3
 CHECKPOINT_DIR = ".train_checkpoints"  # under --out; removed once the final weights are written
+# A folder of the user's, where they ran the command: visible, easy to pass to --weights-dir, and
+# never the installed package, whose shipped weights a test run would otherwise overwrite.  (Not
+# a cache directory: 12 minutes of training is not something to be cleaned away silently.)
+DEFAULT_OUT = "coup_fast_weights"
+MAX_THREADS = 1024  # more than any machine's cores; torch.set_num_threads overflows on huge ints
 
 
 class TrainingCheckpoint:
@@ -57,7 +63,15 @@ class TrainingCheckpoint:
         """Restore the saved state if there is one: (first step to run, losses so far)."""
         if self.path is None or not os.path.exists(self.path):
             return 0, []
-        state = torch.load(self.path, weights_only=True)
+        try:
+            state = torch.load(self.path, weights_only=True)
+            if not isinstance(state, dict) or not {"config", "step", "losses", "generator", "opt", "sched",
+                                                    *self.modules} <= set(state):
+                raise ValueError("not a training checkpoint of coup_fast.train")
+        except Exception as e:  # truncated (RuntimeError from the zip reader), forged (UnpicklingError), ...
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{self.path}: unreadable training checkpoint ({reason}); rerun with --restart "
+                             "to discard it and train from the start") from None
         if state["config"] != self.config:
             raise ValueError(f"{self.path}: a checkpoint of another run ({state['config']}, now {self.config}); "
                              "delete it or pass --restart")
@@ -212,10 +226,12 @@ def accuracy(clf, u: torch.Tensor, y: torch.Tensor) -> float:
 CLF_AUG = {"shift": True, "noise": 0.2}
 
 
-def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int = 1000,
+def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int = 1000,
                  seed: int = 0, only: str | None = None, progress: bool = True,
                  checkpoint_every: int = 100, restart: bool = False) -> dict:
     """Train the digits models, save them under ``out_dir``, return the metadata dict.
+
+    ``out_dir`` defaults to ``./coup_fast_weights``, never the package's shipped ``weights/``.
 
     ``only="classifier"`` / ``"score"`` retrains one model and reloads the other from
     ``out_dir`` (initialisation order is kept, so a full run gives the same nets).
@@ -225,6 +241,16 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
     """
     from safetensors.torch import load_file, save_file
 
+    for name, value in (("steps", steps), ("clf_steps", clf_steps), ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 steps would save untrained weights
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    try:  # now, not at the first checkpoint minutes in: an --out that is a regular file fails here
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir (--out) {out_dir!r}: cannot create the output directory ({e.strerror or e})") from None
+    if only is not None and not os.path.isfile(os.path.join(out_dir, META_FILE)):
+        raise ValueError(f"only={only!r} keeps the other model from out_dir, but {out_dir!r} holds no {META_FILE}: "
+                         "train both first")
     ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
     if restart:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -293,27 +319,51 @@ def train_digits(out_dir: str = WEIGHTS_DIR, steps: int = 2000, clf_steps: int =
     return meta
 
 
-def main(argv=None):
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]; argparse names the flag in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}" if hi is not None
+                                             else f"expected an integer >= {lo}, got {text!r}")
+        return value
+    return parse
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m coup_fast.train", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["digits"], help="which embedded model set to train")
-    p.add_argument("--out", default=WEIGHTS_DIR, help="output directory (default: the package's weights/)")
-    p.add_argument("--steps", type=int, default=2000, help="score-model training steps")
-    p.add_argument("--clf-steps", type=int, default=1000, help="classifier training steps")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output directory (default ./{DEFAULT_OUT}; the package's own weights/ is never the default)")
+    p.add_argument("--steps", type=_int_in(1), default=2000, help="score-model training steps (default 2000)")
+    p.add_argument("--clf-steps", type=_int_in(1), default=1000, help="classifier training steps (default 1000)")
     p.add_argument("--only", choices=["classifier", "score"], default=None,
                    help="retrain one model, keep the other from --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100,
-                   help="save the training state every this many steps (rerun the command to resume)")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0,
+                   help="seed of the initialisation and the batches (default 0)")
+    p.add_argument("--checkpoint-every", type=_int_in(1), default=100,
+                   help="save the training state every this many steps (rerun the command to resume; default 100)")
     p.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is faster on a busy machine)")
+    p.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=None,
+                   help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    meta = train_digits(a.out, steps=a.steps, clf_steps=a.clf_steps, seed=a.seed, only=a.only,
-                        checkpoint_every=a.checkpoint_every, restart=a.restart)
+    try:
+        meta = train_digits(a.out, steps=a.steps, clf_steps=a.clf_steps, seed=a.seed, only=a.only,
+                            checkpoint_every=a.checkpoint_every, restart=a.restart)
+    except (ValueError, OSError) as e:  # a corrupt checkpoint, --only without earlier weights in --out, ...
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(json.dumps(meta["metrics"], indent=2))
+    out = os.path.abspath(a.out)
+    print(f"wrote {os.path.join(out, SCORE_FILE)}, {CLASSIFIER_FILE}, {META_FILE}\n"
+          f"use them with:  coup-fast eval --weights-dir {out}\n"
+          f"          or:   coup_fast.models.load_digits_models(weights_dir={out!r})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

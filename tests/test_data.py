@@ -153,3 +153,89 @@ def test_digits_subsets_are_seeded_and_bounded():
     for bad in (0, 301, -3, 2.5):
         with pytest.raises(ValueError, match="n_images: the digits test split has 300 images"):
             load_digits("test", n=bad)
+
+
+def _write_tar(path, members: dict):
+    """A .tar.gz holding `members` {member path: bytes}, in that order."""
+    import io
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as t:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    return str(path)
+
+
+def _batch(data, labels):
+    return pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"labels": list(labels), b"data": data,
+                         b"filenames": [b"img_%05d.png" % i for i in range(len(labels))]}, protocol=2)
+
+
+def test_paper_subset_is_diffpures_numpy_choice(tmp_path):
+    """The default subset is DiffPure's cifar10_dataset_sub: RandomState(data_seed).choice(10000, 512), in order."""
+    index = np.arange(10_000)
+    data = np.zeros((10_000, 3072), dtype=np.uint8)
+    data[:, 0], data[:, 1] = index // 256, index % 256  # the first two red pixels spell the image's index
+    path = _write_tar(tmp_path / "cifar-10-python.tar.gz",
+                      {"cifar-10-batches-py/test_batch": _batch(data, index % 10)})
+
+    def indices(x):
+        return (np.rint(x[:, 0, 0, 0].numpy() * 255) * 256 + np.rint(x[:, 0, 0, 1].numpy() * 255)).astype(int)
+
+    x, y = load_cifar(path)  # the defaults: test split, n = 512, seed = 0, subset "paper"
+    want = np.random.RandomState(0).choice(10_000, 512, replace=False)
+    assert x.shape == (512, 3, 32, 32) and indices(x).tolist() == want.tolist()
+    assert y.tolist() == (want % 10).tolist()
+    x, _ = load_cifar(path, n=64, seed=7, subset="paper")
+    assert indices(x).tolist() == np.random.RandomState(7).choice(10_000, 64, replace=False).tolist()
+    # "seeded" keeps the torch permutation subset
+    x, _ = load_cifar(path, n=64, seed=7, subset="seeded")
+    assert indices(x).tolist() == torch.randperm(10_000, generator=torch.Generator().manual_seed(7))[:64].tolist()
+
+
+@pytest.mark.parametrize("subset,seed", [("random", 0), ("paper", -1), ("paper", 2**32), ("paper", 1.5),
+                                         ("seeded", 2**64)])
+def test_subset_and_seed_are_validated(tmp_path, subset, seed):
+    path, _ = make_fake_cifar(tmp_path)
+    with pytest.raises(ValueError, match="^subset" if subset == "random" else "^seed"):
+        load_cifar(path, "test", n=5, seed=seed, subset=subset)
+
+
+def test_archive_members_are_matched_by_their_real_path(tmp_path):
+    real, decoy = np.full((4, 3072), 7, np.uint8), np.full((4, 3072), 200, np.uint8)
+    # a same-named file in another folder, after the real one: it used to win (last basename match)
+    path = _write_tar(tmp_path / "a.tar.gz", {"cifar-10-batches-py/test_batch": _batch(real, [1, 2, 3, 4]),
+                                              "elsewhere/test_batch": _batch(decoy, [0, 0, 0, 0])})
+    x, y = load_cifar(path, n=None)
+    assert y.tolist() == [1, 2, 3, 4] and torch.all(x == 7 / 255)
+    # a leading "./" is how some re-packed archives name them
+    path = _write_tar(tmp_path / "b.tar.gz", {"./cifar-10-batches-py/test_batch": _batch(real, [1, 2, 3, 4])})
+    assert load_cifar(path, n=None)[1].tolist() == [1, 2, 3, 4]
+    # the right name in the wrong folder alone is not CIFAR
+    path = _write_tar(tmp_path / "c.tar.gz", {"elsewhere/test_batch": _batch(decoy, [0, 0, 0, 0])})
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py/test_batch"):
+        load_cifar(path, n=None)
+    # and the same path twice is ambiguous
+    path = _write_tar(tmp_path / "d.tar.gz", {"cifar-10-batches-py/test_batch": _batch(real, [1, 2, 3, 4]),
+                                              "./cifar-10-batches-py/test_batch": _batch(decoy, [0, 0, 0, 0])})
+    with pytest.raises(ValueError, match="twice"):
+        load_cifar(path, n=None)
+
+
+LIMIT = 10_000 * (3072 + 128)  # the largest test_batch accepted (the real one: 31,035,704 bytes)
+
+
+def test_oversized_archive_member_is_refused_before_it_is_read(tmp_path):
+    path = _write_tar(tmp_path / "big.tar.gz", {"cifar-10-batches-py/test_batch": bytes(LIMIT + 1)})
+    with pytest.raises(ValueError, match="member cifar-10-batches-py/test_batch: 32,000,001 bytes, larger than"):
+        load_cifar(path, n=None)
+
+
+def test_oversized_file_in_a_directory_is_refused(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    with open(d / "test_batch", "wb") as f:
+        f.truncate(LIMIT + 1)  # sparse: no disk used
+    with pytest.raises(ValueError, match="test_batch: 32,000,001 bytes, larger than any real CIFAR file"):
+        load_cifar(str(tmp_path), n=None)

@@ -161,3 +161,110 @@ def test_purified_accuracy(models, test_split, lam):
     acc = accuracy(clf, out, y)
     print(f"purified accuracy lam={lam}: {acc:.4f}")
     assert acc >= MIN_PURIFIED_ACC[lam]
+
+
+# --- hardening: digits.json is checked before any network is built in memory; training refuses
+# step counts that would save untrained weights and never writes into the package by default.
+
+
+def _weights_copy(tmp_path, meta=None):
+    """The shipped weight files in a fresh folder, with `meta` as its digits.json (None: no digits.json)."""
+    import shutil
+
+    d = tmp_path / "w"
+    d.mkdir()
+    for f in (SCORE_FILE, CLASSIFIER_FILE):
+        shutil.copy(os.path.join(WEIGHTS_DIR, f), d / f)
+    if meta is not None:
+        (d / META_FILE).write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    return str(d)
+
+
+def test_crafted_architecture_is_refused_from_the_file_header_before_it_is_built(tmp_path, monkeypatch):
+    """{"score_config": {"ch": 4000, "ch2": 8000}} used to build a 13.8 GB network before the mismatch."""
+    built_on = []
+    reset = torch.nn.Conv2d.reset_parameters
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters",
+                        lambda self: built_on.append(self.weight.device.type) or reset(self))
+    # a modest stand-in for the crafted sizes, so the unguarded loader survives it in a test
+    d = _weights_copy(tmp_path, {"score_config": {"ch": 64, "ch2": 128}})
+    with pytest.raises(ValueError, match=r"digits_score.safetensors: shape mismatch .*ch=64.*conv_in.weight is "
+                                         r"\(16, 1, 3, 3\) in the file, \(64, 1, 3, 3\)"):
+        load_digits_models(weights_dir=d)
+    assert built_on and set(built_on) == {"meta"}  # nothing was allocated for the wrong architecture
+
+
+@pytest.mark.parametrize("meta,key", [
+    ({"score_confg": {"ch": 16}}, "'score_confg'"),                      # a mistyped section
+    ({"score_config": {"ch": 16, "chh": 32}}, "score_config.chh"),       # a mistyped architecture key
+    ({"classifier_config": {"hidden": "128"}}, "classifier_config.hidden"),  # a string for an int
+    ({"classifier_config": {"ch": True}}, "classifier_config.ch"),
+    ({"score_config": {"ch": -16}}, "score_config.ch"),
+    ({"score_config": [16, 32]}, "score_config"),
+    ({"metrics": 0.99}, "metrics"),
+    ('{"score_config": {"ch": 16,', "not readable JSON"),
+])
+def test_digits_json_keys_and_types_are_checked(tmp_path, meta, key):
+    d = _weights_copy(tmp_path, meta)
+    with pytest.raises(ValueError, match=f"{META_FILE}: .*{key}" if "JSON" not in key else key) as e:
+        load_digits_models(weights_dir=d)
+    assert os.path.join(d, META_FILE) in str(e.value)
+
+
+def test_weights_without_digits_json_load_with_the_default_architecture(tmp_path, models):
+    score, clf = load_digits_models(weights_dir=_weights_copy(tmp_path))
+    u = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    shipped_score, shipped_clf = models
+    with torch.no_grad():
+        torch.testing.assert_close(clf(u), shipped_clf(u), rtol=0, atol=0)
+        torch.testing.assert_close(score(2 * u - 1, 0.05), shipped_score(2 * u - 1, 0.05), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-5"], "--steps"),
+    (["--clf-steps", "0"], "--clf-steps"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "100000000000000000000"], "--threads"),
+])
+def test_train_rejects_non_positive_counts(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["digits", "--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2 and f"argument {flag}: expected an integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_library_rejects_zero_steps(tmp_path):
+    from coup_fast.train import train_digits
+
+    for name in ("steps", "clf_steps", "checkpoint_every"):
+        with pytest.raises(ValueError, match=f"^{name}: expected an integer >= 1"):
+            train_digits(str(tmp_path / "o"), **{name: 0})
+
+
+def test_train_never_writes_into_the_package_by_default(tmp_path, monkeypatch, capsys):
+    import coup_fast.train as train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_digits", lambda out, **k: seen.update(out=out) or {"metrics": {}})
+    monkeypatch.chdir(tmp_path)
+    assert main(["digits"]) == 0
+    assert os.path.abspath(seen["out"]) == str(tmp_path / "coup_fast_weights")
+    assert not os.path.abspath(seen["out"]).startswith(os.path.dirname(WEIGHTS_DIR))
+    out = capsys.readouterr().out  # says how to use what it wrote
+    assert f"--weights-dir {tmp_path / 'coup_fast_weights'}" in out and "load_digits_models(weights_dir=" in out
+
+
+def test_corrupt_training_checkpoint_names_the_file_and_suggests_restart(tmp_path, capsys):
+    u, y = load_digits("train")
+    path = tmp_path / CHECKPOINT_DIR / "classifier.pt"
+    path.parent.mkdir()
+    train_classifier(DigitsClassifier(), u[:32], y[:32], 2, batch=8, progress=False, checkpoint=str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    argv = ["digits", "--out", str(tmp_path), "--steps", "2", "--clf-steps", "2", "--threads", "1"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{path}: unreadable training checkpoint" in err and "--restart" in err
+    assert main([*argv, "--restart"]) == 0 and (tmp_path / SCORE_FILE).exists()

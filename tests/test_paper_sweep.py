@@ -1,8 +1,11 @@
 """coup_fast.paper.sweep: accuracy against t* and lam (Sec. 5.4, Fig. 4), on tiny networks."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +129,209 @@ def test_accuracy_point_averages_n_eval_purifications_with_an_se_over_images(mon
                                    n_eval=n_eval, eot=7)
         assert row["clean_acc"] == pytest.approx(acc) and row["clean_se"] == pytest.approx(se)
         assert row["n_eval"] == n_eval and seen["eot"] == 7
+
+
+# --- an unwritable --out fails before any compute; finished cells survive an interruption
+
+
+SMALL = dict(data="digits", n_images=6, eps=0.1, dt=0.02, n_iter=2, batch_size=4, t_grid=(0.02, 0.06),
+             lam_grid=(0.0, 1.0), t_star=0.04, lam=1.0)
+
+
+def _no_compute(*a, **k):
+    raise AssertionError("computed before the output directory was checked")
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "file.txt" / "sub" if where == "under_a_file" else tmp_path / "file.txt"
+    monkeypatch.setattr(sweep, "accuracy_point", _no_compute)
+    monkeypatch.setattr(sweep, "load_problem", _no_compute)
+    with pytest.raises(ValueError, match="^out_dir .*file.txt"):
+        sweep.run_sweep(sweep.SweepConfig(**SMALL), str(out), problem=tiny_problem(), progress=False)
+    assert cli.main(["sweep", "--out", str(out), "--no-progress"]) == 2
+    assert "error: --out" in capsys.readouterr().err
+
+
+def test_read_only_out_fails_before_any_compute(tmp_path, monkeypatch):
+    """Tests run as root, for whom a 0o555 folder is writable: os.access stands in for the permission."""
+    import os as os_module
+
+    monkeypatch.setattr(sweep, "accuracy_point", _no_compute)
+    monkeypatch.setattr(os_module, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="^out_dir .*not writable"):
+        sweep.run_sweep(sweep.SweepConfig(**SMALL), str(tmp_path / "o"), problem=tiny_problem(), progress=False)
+
+
+def test_read_only_filesystem_fails_before_any_compute(tmp_path, monkeypatch, capsys):
+    """A read-only mount refuses the probe file even to root (open raises EROFS)."""
+    import errno
+
+    import coup_fast.paper as paper
+
+    def read_only_fs(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sweep, "load_problem", _no_compute)
+    monkeypatch.setattr(paper, "open", read_only_fs, raising=False)  # shadows the builtin in that module only
+    assert cli.main(["sweep", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "error: --out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^--out .*cannot write a file in the output directory \\(Read-only"):
+        paper.check_out_dir(str(tmp_path / "o"), arg="--out")
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_any_compute(tmp_path, monkeypatch):
+    (tmp_path / "sweep.png").mkdir()
+    monkeypatch.setattr(sweep, "accuracy_point", _no_compute)
+    with pytest.raises(ValueError, match="sweep.png exists there and is not a regular file"):
+        sweep.run_sweep(sweep.SweepConfig(**SMALL), str(tmp_path), problem=tiny_problem(), progress=False)
+
+
+def _interrupting(fn, n, calls):
+    """fn, counting its calls in `calls`; the n-th call raises KeyboardInterrupt (Ctrl-C mid-sweep)."""
+    def wrapped(*args, **kwargs):
+        calls.append((kwargs["t_star"], kwargs["lam"]))
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_interrupted_sweep_resumes_from_its_finished_cells(tmp_path, monkeypatch):
+    cfg, problem = sweep.SweepConfig(**SMALL), tiny_problem()
+    want = sweep.run_sweep(cfg, None, problem=problem, progress=False)["rows"]
+    real, calls = sweep.accuracy_point, []
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep, "accuracy_point", _interrupting(real, 3, calls))
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=False)
+    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    assert len(cells) == 2 and all(c.endswith(".json") for c in cells)  # each written as it finished
+    calls.clear()
+    monkeypatch.setattr(sweep, "accuracy_point", _interrupting(real, 0, calls))
+    r = sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=False)
+    assert len(calls) == 2  # only the two points that were not done
+    assert r["rows"] == want  # resumed = uninterrupted, number for number
+    assert sorted(os.listdir(tmp_path)) == ["sweep.csv", "sweep.json", "sweep.png"]  # cells gone once written
+
+
+def _fake_point(calls):
+    def point(*a, **k):
+        calls.append((k["t_star"], k["lam"]))
+        return {"t_star": k["t_star"], "lam": k["lam"], "clean_acc": 1.0, "clean_se": 0.0, "robust_acc": 0.5,
+                "robust_se": 0.1, "n": 6, "n_eval": k["n_eval"], "eot": k["eot"]}
+    return point
+
+
+@pytest.mark.parametrize("change", ["config", "images", "weights"])
+def test_cells_of_another_sweep_are_not_reused(tmp_path, monkeypatch, change):
+    from coup_fast.paper import CELLS_DIR
+
+    calls = []
+    monkeypatch.setattr(sweep, "accuracy_point", _interrupting(_fake_point([]), 3, calls))
+    cfg, problem = sweep.SweepConfig(**SMALL), tiny_problem()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=False)
+    assert len(os.listdir(tmp_path / CELLS_DIR)) == 2
+    score, clf, x, y = problem
+    if change == "config":
+        cfg = sweep.SweepConfig(**{**SMALL, "n_eval": 3})
+    elif change == "images":
+        problem = (score, clf, x.flip(0), y.flip(0))
+    else:
+        clf = copy.deepcopy(clf)
+        with torch.no_grad():
+            next(clf.parameters()).add_(1e-3)
+        problem = (score, clf, x, y)
+    calls.clear()
+    monkeypatch.setattr(sweep, "accuracy_point", _interrupting(_fake_point([]), 0, calls))
+    sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=False)
+    assert len(calls) == 4  # every point recomputed
+    assert len(os.listdir(tmp_path / CELLS_DIR)) == 2  # the other sweep's cells are left alone
+
+
+def test_unreadable_cell_is_set_aside_and_recomputed(tmp_path, monkeypatch, capsys):
+    from coup_fast.paper import CELLS_DIR
+
+    calls = []
+    monkeypatch.setattr(sweep, "accuracy_point", _interrupting(_fake_point([]), 2, calls))
+    cfg, problem = sweep.SweepConfig(**SMALL), tiny_problem()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=False)
+    (cell,) = (tmp_path / CELLS_DIR).iterdir()
+    cell.write_text('{"key": "')  # truncated
+    calls.clear()
+    monkeypatch.setattr(sweep, "accuracy_point", _interrupting(_fake_point([]), 0, calls))
+    sweep.run_sweep(cfg, str(tmp_path), problem=problem, progress=True)
+    assert len(calls) == 4 and f"{cell}: unreadable cell" in capsys.readouterr().err
+    assert (tmp_path / CELLS_DIR / f"{cell.name}.unreadable").read_text() == '{"key": "'  # kept, not deleted
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["toy", "--seed", "1e23"], "--seed"),
+    (["toy", "--seed", "100000000000000000000000"], "--seed"),
+    (["sweep", "--seed", "-1"], "--seed"),
+    (["--seed", "1e23", "toy"], "--seed"),  # before the subcommand
+    (["--seed", "1e23"], "--seed"),
+    (["toy", "--c", "1e308"], "--c"),
+    (["toy", "--lam", "0,1e7"], "--lam"),
+    (["sweep", "--lam-grid", "1e300"], "--lam-grid"),
+    (["trajectory", "--lam", "1e300"], "--lam"),
+    (["toy", "--threads", "100000000000000000000"], "--threads"),
+    (["sweep", "--dt", "1e-300"], "--dt"),
+    (["trajectory", "--dt", "1e-9"], "--dt"),
+    (["sweep", "--wrn-depth", "100000000000000000000"], "--wrn-depth"),
+    (["sweep", "--wrn-depth", "27"], "--wrn-depth"),
+    (["sweep", "--wrn-widen", "1000000"], "--wrn-widen"),
+])
+def test_paper_numbers_that_would_overflow_are_argparse_errors(argv, flag, capsys, tmp_path):
+    from coup_fast.paper.cli import main as paper_main
+
+    with pytest.raises(SystemExit) as e:
+        paper_main([*argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_common_flags_work_before_the_subcommand(tmp_path, monkeypatch):
+    import coup_fast.paper.toy as toy
+
+    seen = {}
+
+    def fake_run_toy(out, **k):
+        seen.update(out=out, **k)
+        raise ValueError("stop")  # the CLI's error path: nothing to print
+
+    monkeypatch.setattr(toy, "run_toy", fake_run_toy)
+    out = str(tmp_path / "o")
+    assert cli.main(["--seed", "7", "--out", out, "toy", "--n-paths", "5", "--no-progress"]) == 2
+    assert seen["seed"] == 7 and seen["out"] == out and seen["progress"] is False
+    assert cli.main(["toy", "--no-progress"]) == 2 and seen["seed"] == 0 and seen["out"] == cli.DEFAULT_OUT
+    assert cli.main(["--seed", "7", "toy", "--seed", "8", "--out", out]) == 2 and seen["seed"] == 8
+
+
+def test_cifar100_problem(tmp_path, monkeypatch):
+    """data='cifar100': the CIFAR-100 test set through load_cifar and a 100-class WideResNet."""
+    import coup_fast.models.ncsnpp as ncsnpp
+    import coup_fast.models.wideresnet as wideresnet
+    from test_data import make_fake_cifar
+
+    path, content = make_fake_cifar(str(tmp_path), dataset="cifar100", n_per_file=30, tar=True)
+    seen = {}
+    score, clf = neural_problem()
+    monkeypatch.setattr(ncsnpp, "load_ncsnpp", lambda p, device: seen.update(score=p) or score)
+    monkeypatch.setattr(wideresnet, "load_wideresnet",
+                        lambda p, depth, widen, device, num_classes: seen.update(clf=p, num_classes=num_classes) or clf)
+    _, _, x, y = sweep.load_problem("cifar100", n_images=8, seed=0, cifar_dir=path, score_ckpt="s.pth",
+                                    classifier_ckpt="c.pt")
+    want = np.random.RandomState(0).choice(30, 8, replace=False)  # the paper's subset by default
+    assert seen == {"score": "s.pth", "clf": "c.pt", "num_classes": 100} and x.shape == (8, 3, 32, 32)
+    assert y.tolist() == [content["test"][1][i] for i in want]
+    _, _, _, y = sweep.load_problem("cifar100", n_images=8, seed=0, cifar_dir=path, score_ckpt="s.pth",
+                                    classifier_ckpt="c.pt", subset="seeded")
+    assert y.tolist() == [content["test"][1][i] for i in torch.randperm(30, generator=torch.Generator().manual_seed(0))[:8]]
+    assert sweep.SweepConfig.preset("cifar100").eps == pytest.approx(8 / 255)
+    with pytest.raises(ValueError, match="^subset"):
+        sweep.load_problem("digits", n_images=4, subset="paper")

@@ -149,3 +149,54 @@ def test_flip_ever_is_the_running_minimum_below_zero():
     torch.testing.assert_close(res["x_min"], lowest, rtol=1e-10, atol=1e-12)
     final, ever = float((res["x_final"] < 0).double().mean()), float((res["x_min"] < 0).double().mean())
     assert ever > final + 0.1  # crossing and coming back is common from x = 0.2
+
+
+# --- an unwritable out_dir fails before any compute; finished cells survive an interruption
+
+
+def test_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, capsys):
+    from coup_fast.paper.cli import main as paper_main
+
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.setattr(toy, "simulate", lambda *a, **k: pytest.fail("computed before out_dir was checked"))
+    with pytest.raises(ValueError, match="^out_dir .*file.txt/sub.*cannot create"):
+        toy.run_toy(str(tmp_path / "file.txt" / "sub"), n_paths=10, progress=False)
+    assert paper_main(["toy", "--out", str(tmp_path / "file.txt"), "--n-paths", "10", "--no-progress"]) == 2
+    assert "error: --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grids,name", [(dict(c_grid=(0.0, 1e308)), "c_grid"), (dict(lam_grid=(1.0, -1.0)), "lam_grid"),
+                                        (dict(lam_grid=(float("nan"),)), "lam_grid"), (dict(c_grid=()), "c_grid"),
+                                        (dict(c_grid="12"), "c_grid")])
+def test_grids_are_checked(grids, name):
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        toy.run_toy(None, n_paths=10, progress=False, **grids)
+
+
+def test_interrupted_toy_study_resumes_from_its_finished_cells(tmp_path, monkeypatch):
+    settings = dict(n_paths=300, c_grid=(0.0, 2.0), lam_grid=(0.0, 1.0), dt=5e-3, progress=False)
+    want = toy.run_toy(None, **settings)
+    real, calls = toy.simulate, []
+
+    def counting(stop_at):
+        def simulate(*a, **k):
+            calls.append(a[:2])
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return simulate
+
+    with monkeypatch.context() as patch:
+        patch.setattr(toy, "simulate", counting(2))
+        with pytest.raises(KeyboardInterrupt):
+            toy.run_toy(str(tmp_path), **settings)
+    assert len(list((tmp_path / "cells").iterdir())) == 1  # the shared lam = 0 column, written when done
+    calls.clear()
+    monkeypatch.setattr(toy, "simulate", counting(0))
+    r = toy.run_toy(str(tmp_path), **settings)
+    assert calls == [(0.0, 1.0), (2.0, 1.0)]  # only the cells not yet done
+    assert r["rows"] == want["rows"] and r["prop2"] == want["prop2"]
+    assert not (tmp_path / "cells").exists()  # removed once toy.csv/json/png are written
+    calls.clear()
+    other = toy.run_toy(str(tmp_path), **{**settings, "n_paths": 200})  # another study: nothing reused
+    assert len(calls) == 3 and other["setup"]["n_paths"] == 200

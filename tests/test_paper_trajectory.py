@@ -62,3 +62,28 @@ def test_run_trajectory_outputs(tmp_path):
     guided_top = arr["p_true_guided"][:, -1] > 0.5
     assert np.all(arr["final_pred_guided"][guided_top] == arr["y_true"][guided_top])
     assert s["final_acc_guided"] == pytest.approx(float(np.mean(arr["final_pred_guided"] == arr["y_true"])))
+
+
+def test_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, capsys):
+    from coup_fast.paper.cli import main as paper_main
+
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.setattr(trajectory, "apgd_ce", lambda *a, **k: pytest.fail("attacked before out_dir was checked"))
+    monkeypatch.setattr(trajectory, "load_problem", lambda *a, **k: pytest.fail("loaded before out_dir was checked"))
+    score, clf = neural_problem()
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="^out_dir .*file.txt/sub.*cannot create"):
+        trajectory.run_trajectory(str(tmp_path / "file.txt" / "sub"), problem=(score, clf, x, torch.zeros(2).long()),
+                                  t_star=0.03, dt=0.01, progress=False)
+    assert paper_main(["trajectory", "--out", str(tmp_path / "file.txt" / "sub"), "--no-progress"]) == 2
+    assert "error: --out" in capsys.readouterr().err
+
+
+def test_outputs_are_written_whole(tmp_path):
+    """npz, json, png through temporary names and a rename: no temporary file left, the npz not renamed."""
+    score, clf = neural_problem()
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    trajectory.run_trajectory(str(tmp_path), problem=(score, clf, x, torch.zeros(4).long()), eps=0.5, t_star=0.03,
+                              dt=0.01, n_iter=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trajectory.json", "trajectory.npz", "trajectory.png"]
+    assert set(np.load(tmp_path / "trajectory.npz")) >= {"t", "p_true_guided", "index"}

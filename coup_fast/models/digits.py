@@ -14,6 +14,7 @@ weights in ``coup_fast/weights/`` were made.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -112,8 +113,73 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(2.0 * u - 1.0))
 
 
+# What digits.json may hold (coup_fast.train writes it): the two architectures, which the loader
+# builds, and descriptive sections, which it only type-checks.
+_META_SECTIONS = {"dataset": str, "split": dict, "score_config": dict, "classifier_config": dict, "sde": dict,
+                  "training": dict, "metrics": dict}
+_ARCHITECTURES = {"score_config": DigitsEpsNet, "classifier_config": DigitsClassifier}
+
+
+def _read_meta(path: str) -> dict:
+    """digits.json, checked: known sections of the right types; {} when the file does not exist."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, value in meta.items():
+        if key not in _META_SECTIONS:
+            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(_META_SECTIONS)})")
+        if not isinstance(value, _META_SECTIONS[key]):
+            raise ValueError(f"{path}: {key} must be a JSON {'string' if _META_SECTIONS[key] is str else 'object'}, "
+                             f"got {value!r}")
+    return meta
+
+
+def _build_on_meta(cls, section: str, config: dict, meta_path: str) -> nn.Module:
+    """cls(**config) on the meta device (no memory), each config value checked first."""
+    params = inspect.signature(cls.__init__).parameters
+    known = [name for name in params if name != "self"]
+    for key, value in config.items():
+        if key not in known:
+            raise ValueError(f"{meta_path}: unknown key {section}.{key} (known: {', '.join(known)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{meta_path}: {section}.{key} must be an integer >= 1, got {value!r}")
+    try:
+        with torch.device("meta"):
+            return cls(**config)
+    except (ValueError, RuntimeError) as e:  # e.g. GroupNorm: channels not divisible by the groups
+        raise ValueError(f"{meta_path}: {section} {config} does not build a {cls.__name__}: {e}") from None
+
+
+def _check_shapes(module: nn.Module, weights_path: str, section: str) -> None:
+    """Every tensor of `module` against the file's, from its header alone (nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    arch = f"{type(module).__name__}({', '.join(f'{k}={v}' for k, v in module.config.items())}) ({section} of {META_FILE})"
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: does not match {arch}: {len(missing)} missing tensors (first: "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
+    bad = [k for k in expected if stored[k] != expected[k]]
+    if bad:
+        raise ValueError(f"{weights_path}: shape mismatch with {arch}: {bad[0]} is {stored[bad[0]]} in the file, "
+                         f"{expected[bad[0]]} in the model ({len(bad)} mismatched tensors)")
+
+
 def load_digits_models(device="cpu", weights_dir: str | None = None):
-    """Load the shipped digits models.
+    """Load the shipped digits models (or those under `weights_dir`, as `coup_fast.train` writes them).
 
     Returns:
         score_model: callable ``(x, t) -> score``; x (B, 1, 8, 8) in [-1, 1], t a float,
@@ -121,6 +187,14 @@ def load_digits_models(device="cpu", weights_dir: str | None = None):
             ``.eps_model`` is the raw noise predictor, called with label 999 t).
         classifier: u (B, 1, 8, 8) in [0, 1] -> logits (B, 10).
     Both are in eval mode with ``requires_grad`` off on their parameters.
+
+    The architectures come from ``digits.json`` (defaults without it).  Both networks are built
+    on the meta device and checked against the weight files' shapes before any memory is
+    allocated, so a crafted ``digits.json`` cannot make the loader build a huge network.
+    Raises:
+        FileNotFoundError: a weight file is missing.
+        ValueError: digits.json has an unknown key or a value of the wrong type, or the weight
+            files do not match the architectures it describes.
     """
     from safetensors.torch import load_file
 
@@ -129,14 +203,18 @@ def load_digits_models(device="cpu", weights_dir: str | None = None):
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} not found: train it with `python -m coup_fast.train digits`")
-    meta = {}
-    if os.path.isfile(os.path.join(d, META_FILE)):
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
-    net = DigitsEpsNet(**meta.get("score_config", {}))
-    clf = DigitsClassifier(**meta.get("classifier_config", {}))
-    net.load_state_dict(load_file(paths[0]), strict=True)
-    clf.load_state_dict(load_file(paths[1]), strict=True)
+    meta_path = os.path.join(d, META_FILE)
+    meta = _read_meta(meta_path)
+    nets = []
+    for (section, cls), path in zip(_ARCHITECTURES.items(), paths):
+        config = meta.get(section, {})
+        net = _build_on_meta(cls, section, config, meta_path)
+        _check_shapes(net, path, section)
+        nets.append(net)
+    for net, path in zip(nets, paths):
+        net.to_empty(device="cpu")  # every tensor is then overwritten from the file
+        net.load_state_dict(load_file(path), strict=True)
+    net, clf = nets
     score = score_sde_continuous(net)
     for m in (score, clf):
         m.to(device).eval().requires_grad_(False)

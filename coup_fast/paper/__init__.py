@@ -7,22 +7,148 @@
 - :mod:`.cli`: ``coup-fast paper {toy,trajectory,sweep}``.
 
 Every analysis runs through the engine's own solver (`coup_fast.purify.solve` / `purify`).
+Each one checks that its output directory is writable before it computes anything, and the
+toy study and the sweep keep each finished cell on disk (:class:`CellStore`), so an interrupted
+run resumes where it stopped when the same command is run again.
 """
 
 import csv
+import hashlib
 import json
 import os
+import sys
+
+from .._files import atomic_write, atomic_write_text
+
+CELLS_DIR = "cells"  # under the output directory: one JSON file per finished cell of a toy study or sweep
+
+
+def check_out_dir(out_dir, files=(), arg: str = "out_dir") -> str:
+    """Create `out_dir` and prove that it takes files (a probe written and removed) before any compute.
+
+    files: the names the study will write there; one that exists and is not a regular file is
+    refused too.  arg names the argument in the errors (the CLI passes '--out').  Returns out_dir.
+    Raises ValueError: out_dir is not a path, cannot be created (a regular file, a path under
+    one), is not writable, or a probe file cannot be written in it.
+    """
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise ValueError(f"{arg}: expected a directory path, got {out_dir!r}")
+    out_dir = os.fspath(out_dir)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{arg} {out_dir!r}: exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # FileExistsError (a regular file), NotADirectoryError (a path under one), EACCES, EROFS
+        raise ValueError(f"{arg} {out_dir!r}: cannot create the output directory ({e.strerror or e})") from None
+    # os.access tells an unprivileged user early; root passes it, so the probe is the real test
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg} {out_dir!r}: the output directory is not writable")
+    probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{arg} {out_dir!r}: cannot write a file in the output directory ({e.strerror or e})") from None
+    for name in files:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ValueError(f"{arg} {out_dir!r}: {name} exists there and is not a regular file")
+    return out_dir
+
+
+def fingerprint(*objects) -> str:
+    """sha256 over the tensors of `objects` (modules: their state dicts; tensors: themselves).
+
+    It keys resumable cells to the networks and data they were computed on, so a retrained
+    model under the same path does not reuse old cells.  Other objects count by type name only.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            tensors = list(obj.state_dict().items())
+        elif isinstance(obj, torch.Tensor):
+            tensors = [("", obj)]
+        else:
+            h.update(f"object:{type(obj).__module__}.{type(obj).__qualname__};".encode())
+            continue
+        h.update(f"{type(obj).__qualname__}:{len(tensors)};".encode())
+        for name, t in tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class CellStore:
+    """The finished cells of one long study, one small JSON file each, so that a rerun resumes.
+
+    key: everything that changes a cell's numbers (the study's settings, a `fingerprint` of its
+    networks and data); its sha256 names the files and is checked inside each one, so a study
+    under another key never reuses them.  An unreadable or foreign file is reported, set aside
+    (renamed *.unreadable, never deleted) and its cell recomputed.  `clear()` removes this key's
+    cells once the study's outputs are written.  directory=None: a store that keeps nothing.
+    """
+
+    def __init__(self, directory: str | None, key: dict):
+        self.directory = directory
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()
+        self.written = []
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, f"{self.key[:16]}-{name}.json")
+
+    def get(self, name: str):
+        """The value stored for cell `name` under this key, or None."""
+        if self.directory is None or not os.path.exists(self._path(name)):
+            return None
+        path = self._path(name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict) or record.get("key") != self.key or record.get("name") != name:
+                raise ValueError("it belongs to another study")
+            self.written.append(path)
+            return record["value"]
+        except (OSError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+            aside = f"{path}.unreadable"
+            os.replace(path, aside)
+            print(f"{path}: unreadable cell ({e}); moved to {aside}, recomputing it", file=sys.stderr)
+            return None
+
+    def put(self, name: str, value) -> None:
+        """Store cell `name` atomically (a killed run never leaves half a file)."""
+        if self.directory is None:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        atomic_write_text(self._path(name), json.dumps({"key": self.key, "name": name, "value": value}))
+        self.written.append(self._path(name))
+
+    def clear(self) -> None:
+        """Remove this study's cells (after its outputs are written: they hold nothing more)."""
+        for path in self.written:
+            if os.path.exists(path):
+                os.remove(path)
+        self.written = []
+        if self.directory is not None and os.path.isdir(self.directory) and not os.listdir(self.directory):
+            os.rmdir(self.directory)
 
 
 def write_outputs(result: dict, out_dir: str, name: str, plot) -> dict:
-    """NAME.csv (result['rows']), NAME.json (everything), NAME.png (plot(result, path)) under out_dir."""
+    """NAME.csv (result['rows']), NAME.json (everything), NAME.png (plot(result, path)) under out_dir,
+    each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"{name}.{k}") for k in ("csv", "json", "png")}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, paths["png"])
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
+            writer.writeheader()
+            writer.writerows(result["rows"])
+
+    atomic_write(paths["csv"], write_csv)
+    atomic_write_text(paths["json"], json.dumps(result, indent=2))
+    atomic_write(paths["png"], lambda tmp: plot(result, tmp))
     return paths

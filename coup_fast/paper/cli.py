@@ -2,15 +2,26 @@
 
 `register(subparsers)` adds the `paper` subcommand to coup_fast.cli; `python -m coup_fast.paper.cli`
 runs it standalone.  Outputs land in --out (default results/paper/): toy.{csv,json,png},
-trajectory.{npz,json,png}, sweep.{csv,json,png}.
+trajectory.{npz,json,png}, sweep.{csv,json,png}.  --out is created and checked for writing
+before any compute; the toy study and the sweep keep their finished cells in --out/cells/, so
+rerunning an interrupted command resumes it.  --out, --seed, --threads and --no-progress may
+come before or after the subcommand.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .toy import MAX_WEIGHT
+
 COMMANDS = ("toy", "trajectory", "sweep")
 DEFAULT_OUT = "results/paper"
+# The flags every command takes; their defaults are filled in after parsing, so that a value
+# given before the subcommand (`paper --seed 3 toy`) is not overwritten by the subcommand's default.
+COMMON_DEFAULTS = {"out": DEFAULT_OUT, "seed": 0, "threads": 1, "progress": True}
+MAX_SEED = 2**32 - 1  # numpy's RandomState (the paper's CIFAR subset) takes no larger seed
+MAX_THREADS = 1024  # more than any machine's cores; torch.set_num_threads overflows on huge ints
+MIN_DT = 1e-5  # at most t*/dt = 100,000 Euler steps per purification
 
 
 def _number(kind, lo, hi=None, lo_open=True, what=""):
@@ -32,6 +43,24 @@ POSITIVE_INT = _number(int, 0, what="an integer > 0")
 POSITIVE = _number(float, 0.0, what="a number > 0")
 NON_NEGATIVE = _number(float, 0.0, lo_open=False, what="a number >= 0")
 T_STAR = _number(float, 0.0, 1.0, what="t* in (0, 1]")
+SEED = _number(int, 0, MAX_SEED, lo_open=False, what="an integer in [0, 2**32 - 1]")
+THREADS = _number(int, 0, MAX_THREADS, what=f"an integer in [1, {MAX_THREADS}]")
+DT = _number(float, MIN_DT, 1.0, lo_open=False, what=f"dt in [{MIN_DT:g}, 1] (at most t*/dt = 100,000 steps)")
+# c and lam: beyond this the toy classifier overflows float32 and guidance goes NaN (coup_fast.paper.toy)
+WEIGHT = _number(float, 0.0, MAX_WEIGHT, lo_open=False, what=f"a number in [0, {MAX_WEIGHT:g}]")
+WRN_WIDEN = _number(int, 0, 64, what="a widen factor in [1, 64]")
+
+
+def _wrn_depth(text: str) -> int:
+    """WideResNet depth 6n + 4 (28, 34, 70, ...), at most 202: the network is built before the
+    checkpoint's shapes are compared, and a huge depth builds (6n + 4) / 6 blocks per stage first."""
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = None
+    if depth is None or not 10 <= depth <= 202 or (depth - 4) % 6:
+        raise argparse.ArgumentTypeError(f"expected a WideResNet depth 6n + 4 in [10, 202] (28, 70, ...), got {text!r}")
+    return depth
 
 
 def _list_of(item):
@@ -57,35 +86,46 @@ def _device(text: str) -> str:
 
 
 def _common(p):
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=POSITIVE_INT, default=1,
+    # SUPPRESS: absent unless given, so a value given at the other level survives (COMMON_DEFAULTS fills the rest)
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help=f"output directory, created and checked for writing before any compute (default {DEFAULT_OUT})")
+    p.add_argument("--seed", type=SEED, default=argparse.SUPPRESS,
+                   help="seed of the noise, the attacks and the image subset, an integer in [0, 2**32 - 1] (default 0)")
+    p.add_argument("--threads", type=THREADS, default=argparse.SUPPRESS,
                    help="torch CPU threads (default 1: on a shared CPU more threads contend and run slower)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no tqdm bars")
 
 
 def _data_args(p):
-    from .sweep import DATASETS
+    from .sweep import DATASETS, SUBSETS
 
-    p.add_argument("--data", choices=DATASETS, default="digits")
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--n-images", type=POSITIVE_INT, default=None)
-    p.add_argument("--eps", type=POSITIVE, default=None, help="L-inf radius (digits 0.15, cifar10 8/255)")
+    p.add_argument("--data", choices=DATASETS, default="digits",
+                   help="digits (embedded models, default), or cifar10 / cifar100 (needs --cifar-dir, --score-ckpt, "
+                        "--classifier-ckpt)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
+    p.add_argument("--n-images", type=POSITIVE_INT, default=None, help="test images (default: the command's preset)")
+    p.add_argument("--eps", type=POSITIVE, default=None, help="L-inf radius (digits 0.15, CIFAR 8/255)")
     p.add_argument("--n-iter", type=POSITIVE_INT, default=None, help="APGD-CE iterations")
-    p.add_argument("--dt", type=POSITIVE, default=None)
-    p.add_argument("--cifar-dir", help="CIFAR-10 python-version directory or .tar.gz (coup_fast.data.load_cifar)")
+    p.add_argument("--dt", type=DT, default=None, help=f"Euler step, in [{MIN_DT:g}, 1] (digits 1e-2, CIFAR 1e-3)")
+    p.add_argument("--cifar-dir", help="CIFAR-10/100 python-version directory or .tar.gz (coup_fast.data.load_cifar)")
+    p.add_argument("--subset", choices=SUBSETS, default=None,
+                   help="CIFAR test images: 'paper' (default: DiffPure's and COUP's "
+                        "np.random.RandomState(seed).choice(10000, n, replace=False)) or 'seeded' (a torch permutation)")
     p.add_argument("--score-ckpt", help="Score SDE checkpoint (coup_fast.models.ncsnpp.load_ncsnpp)")
     p.add_argument("--classifier-ckpt", help="WideResNet checkpoint (coup_fast.models.wideresnet.load_wideresnet)")
-    p.add_argument("--wrn-depth", type=POSITIVE_INT, default=28)
-    p.add_argument("--wrn-widen", type=POSITIVE_INT, default=10)
+    p.add_argument("--wrn-depth", type=_wrn_depth, default=28, help="WideResNet depth, 6n + 4 (default 28)")
+    p.add_argument("--wrn-widen", type=WRN_WIDEN, default=10, help="WideResNet widen factor (default 10)")
     p.add_argument("--weights-dir", help="digits weights directory (default: the shipped ones)")
 
 
 def _load_kwargs(a) -> dict:
     if a.data == "digits":
+        if a.subset is not None:
+            raise ValueError("--subset: applies to --data cifar10 / cifar100 only")
         return {"weights_dir": a.weights_dir}
     return {"cifar_dir": a.cifar_dir, "score_ckpt": a.score_ckpt, "classifier_ckpt": a.classifier_ckpt,
-            "wrn_depth": a.wrn_depth, "wrn_widen": a.wrn_widen}
+            "wrn_depth": a.wrn_depth, "wrn_widen": a.wrn_widen, "subset": a.subset}
 
 
 def run_toy_cmd(a) -> int:
@@ -107,7 +147,7 @@ def run_toy_cmd(a) -> int:
 def run_trajectory_cmd(a) -> int:
     from .trajectory import DEFAULTS, run_trajectory
 
-    if a.data == "cifar10":
+    if a.data != "digits":
         DEFAULTS = {**DEFAULTS, "eps": 8 / 255, "n_iter": 100}
     pick = lambda name: DEFAULTS[name] if getattr(a, name) is None else getattr(a, name)  # noqa: E731
     s = run_trajectory(a.out, data=a.data, n_images=pick("n_images"), seed=a.seed, eps=pick("eps"),
@@ -144,48 +184,61 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     paper = subparsers.add_parser("paper", help="the paper's analyses (toy study, trajectories, sweeps)",
                                   description="Sec. 5.3-5.4 of arXiv 2408.05900: " + ", ".join(COMMANDS))
+    _common(paper)
     sub = paper.add_subparsers(dest="paper_command", required=True)
 
     p = sub.add_parser("toy", help="2-Gaussian label-flip probability vs (c, lam) and Prop. 2 (Fig. 3b)")
     _common(p)
-    p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS)
-    p.add_argument("--c", type=_list_of(NON_NEGATIVE), default=toy.C_GRID, help="noise levels, comma list")
-    p.add_argument("--lam", type=_list_of(NON_NEGATIVE), default=toy.LAM_GRID, help="guidance weights, comma list")
-    p.set_defaults(func=_with_threads(run_toy_cmd))
+    p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS,
+                   help=f"Monte-Carlo paths per cell (default {toy.N_PATHS:,})")
+    p.add_argument("--c", type=_list_of(WEIGHT), default=toy.C_GRID,
+                   help=f"noise levels of the classifier, comma list in [0, {MAX_WEIGHT:g}]")
+    p.add_argument("--lam", type=_list_of(WEIGHT), default=toy.LAM_GRID,
+                   help=f"guidance weights, comma list in [0, {MAX_WEIGHT:g}]")
+    p.set_defaults(func=_command(run_toy_cmd))
 
     p = sub.add_parser("trajectory", help="p(y_true|x_t), p(y_adv|x_t) along purification (Fig. 2a)")
     _common(p)
     _data_args(p)
-    p.add_argument("--t-star", type=T_STAR, default=0.1)
-    p.add_argument("--lam", type=NON_NEGATIVE, default=1.0, help="guidance weight of the guided path")
-    p.set_defaults(func=_with_threads(run_trajectory_cmd))
+    p.add_argument("--t-star", type=T_STAR, default=0.1, help="purification time t* in (0, 1] (default 0.1)")
+    p.add_argument("--lam", type=WEIGHT, default=1.0, help="guidance weight of the guided path (default 1)")
+    p.set_defaults(func=_command(run_trajectory_cmd))
 
     p = sub.add_parser("sweep", help="clean / APGD-CE robust accuracy vs t* and vs lam (Fig. 4)")
     _common(p)
     _data_args(p)
     p.add_argument("--t-grid", type=_list_of(T_STAR), default=None, help="t* values (lam fixed at --lam)")
-    p.add_argument("--lam-grid", type=_list_of(NON_NEGATIVE), default=None, help="lam values (t* fixed at --t-star)")
-    p.add_argument("--t-star", type=T_STAR, default=0.1)
-    p.add_argument("--lam", type=NON_NEGATIVE, default=1.0)
+    p.add_argument("--lam-grid", type=_list_of(WEIGHT), default=None, help="lam values (t* fixed at --t-star)")
+    p.add_argument("--t-star", type=T_STAR, default=0.1, help="t* of the lam axis (default 0.1)")
+    p.add_argument("--lam", type=WEIGHT, default=1.0, help="lam of the t* axis (default 1)")
     p.add_argument("--n-eval", type=POSITIVE_INT, default=None,
                    help="purifications of each clean and each adversarial image (mean and SE over images; default 4)")
     p.add_argument("--eot", type=POSITIVE_INT, default=None,
                    help="EOT draws per APGD-CE gradient (default 1; AutoAttack-rand uses 20)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="purify's engine ('compile': torch.compile'd steps; lam and t* changes do not recompile)")
-    p.set_defaults(func=_with_threads(run_sweep_cmd))
+    p.set_defaults(func=_command(run_sweep_cmd))
     return paper
 
 
-def _with_threads(fn):
+def _command(fn):
+    """fn(a) after the common defaults, the --out check and --threads; bad input -> exit status 2."""
     def run(a):
         import torch
 
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        from . import check_out_dir, sweep, toy, trajectory
+
+        for name, value in COMMON_DEFAULTS.items():
+            if not hasattr(a, name):
+                setattr(a, name, value)
+        outputs = {"toy": toy.OUTPUT_FILES, "trajectory": trajectory.OUTPUT_FILES, "sweep": sweep.OUTPUT_FILES}
         try:
+            # before any compute: a study that cannot be saved is not worth running
+            check_out_dir(a.out, outputs[a.paper_command], arg="--out")
+            if a.threads:
+                torch.set_num_threads(a.threads)
             return fn(a)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # OSError: FileNotFoundError of a missing checkpoint, a full disk
             print(f"coup-fast paper {a.paper_command}: error: {e}", file=sys.stderr)
             return 2
     return run

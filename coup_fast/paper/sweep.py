@@ -5,27 +5,39 @@ APGD-CE under L-inf (EOT draws per gradient: `eot`, default 1); clean and robust
 purified classifier's accuracy on the clean and on the final adversarial images, averaged over
 `n_eval` fresh purifications of each, ± the standard error over images of the per-image
 accuracy.  Default: the embedded digits models on a
-small seeded test subset with few APGD iterations (sized for 2 CPU cores); CIFAR-10 when the
-data and checkpoints are given.
+small seeded test subset with few APGD iterations (sized for 2 CPU cores); CIFAR-10 or CIFAR-100
+when the data and checkpoints are given.
+
+Each finished (t*, lam) point is written to OUT/cells/ as it completes; rerunning the same
+command after an interruption resumes from those points (they are keyed by the config and by
+the networks and images, so a different run never reuses them), and they are removed once
+sweep.csv, sweep.json and sweep.png are written.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import write_outputs
+from . import CELLS_DIR, CellStore, check_out_dir, fingerprint, write_outputs
 from ..purify import PurifiedClassifier
 
-DATASETS = ("digits", "cifar10")
+DATASETS = ("digits", "cifar10", "cifar100")
+CIFAR_DATASETS = ("cifar10", "cifar100")
+SUBSETS = ("paper", "seeded")  # coup_fast.data.load_cifar's image subsets
+OUTPUT_FILES = ("sweep.csv", "sweep.json", "sweep.png")
 # Digits: eps 0.15 on 8x8 images in [0, 1] (coup_fast.cli's digits preset), dt = 1e-2 (10 steps at
-# t* = 0.1), 10 APGD iterations.  CIFAR-10: the paper's 8/255, dt = 1e-3, 100 APGD iterations.
+# t* = 0.1), 10 APGD iterations.  CIFAR-10 and CIFAR-100: the paper's 8/255, dt = 1e-3, 100 APGD iterations.
+_CIFAR_PRESET = dict(n_images=64, eps=8 / 255, dt=1e-3, n_iter=100, batch_size=32,
+                     t_grid=(0.025, 0.05, 0.075, 0.1, 0.125, 0.15), lam_grid=(0.0, 0.5, 1.0, 2.0, 4.0))
 PRESETS = {
     "digits": dict(n_images=48, eps=0.15, dt=1e-2, n_iter=10, batch_size=48,
                    t_grid=(0.02, 0.05, 0.1, 0.2, 0.4), lam_grid=(0.0, 0.5, 1.0, 2.0, 5.0)),
-    "cifar10": dict(n_images=64, eps=8 / 255, dt=1e-3, n_iter=100, batch_size=32,
-                    t_grid=(0.025, 0.05, 0.075, 0.1, 0.125, 0.15), lam_grid=(0.0, 0.5, 1.0, 2.0, 4.0)),
+    "cifar10": _CIFAR_PRESET,
+    "cifar100": _CIFAR_PRESET,
 }
 
 
@@ -57,34 +69,43 @@ class SweepConfig:
 
 def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, device="cpu", cifar_dir=None,
                  score_ckpt=None, classifier_ckpt=None, wrn_depth: int = 28, wrn_widen: int = 10,
-                 weights_dir=None):
-    """(score_model, classifier, x, y): x (n, C, H, W) in [0, 1] on `device`, a seeded test subset.
+                 weights_dir=None, subset: str | None = None):
+    """(score_model, classifier, x, y): x (n, C, H, W) in [0, 1] on `device`, a test subset.
 
-    digits: `coup_fast.models.load_digits_models` and `coup_fast.data.load_digits('test')`;
-    cifar10: `coup_fast.data.load_cifar(cifar_dir)`, `load_ncsnpp(score_ckpt)`, `load_wideresnet(classifier_ckpt)`.
+    digits: `coup_fast.models.load_digits_models` and `coup_fast.data.load_digits('test')` (a seeded subset);
+    cifar10 / cifar100: `coup_fast.data.load_cifar(cifar_dir, dataset=data, subset=subset)` (subset
+    None: 'paper', the images DiffPure and COUP evaluate; 'seeded': a seeded torch permutation),
+    `load_ncsnpp(score_ckpt)` and `load_wideresnet(classifier_ckpt)` with 10 or 100 classes.
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images <= 0:
         raise ValueError(f"n_images: expected an integer > 0, got {n_images!r}")
+    if subset is not None and subset not in SUBSETS:
+        raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if data == "digits":
         from ..data import load_digits
         from ..models import load_digits_models
 
+        if subset == "paper":
+            raise ValueError("subset: 'paper' is the CIFAR test subset of DiffPure and COUP; digits has only "
+                             "its seeded subset")
         score_model, classifier = load_digits_models(device=device, weights_dir=weights_dir)
         x, y = load_digits("test", n=n_images, seed=seed)
-    elif data == "cifar10":
+    elif data in CIFAR_DATASETS:
         missing = [n for n, v in (("--cifar-dir", cifar_dir), ("--score-ckpt", score_ckpt),
                                   ("--classifier-ckpt", classifier_ckpt)) if not v]
         if missing:
-            raise ValueError(f"data='cifar10' needs {', '.join(missing)}")
+            raise ValueError(f"data={data!r} needs {', '.join(missing)}")
         from ..data import load_cifar
         from ..models.ncsnpp import load_ncsnpp
         from ..models.wideresnet import load_wideresnet
 
+        # the images first: a wrong --cifar-dir is reported before minutes of checkpoint loading
+        x, y = load_cifar(cifar_dir, "test", n=n_images, seed=seed, dataset=data, subset=subset or "paper")
         score_model = load_ncsnpp(score_ckpt, device=device)
-        classifier = load_wideresnet(classifier_ckpt, wrn_depth, wrn_widen, device=device)
+        classifier = load_wideresnet(classifier_ckpt, wrn_depth, wrn_widen, device=device,
+                                     num_classes=100 if data == "cifar100" else 10)
         for m in (score_model, classifier):
             m.to(device).eval().requires_grad_(False)
-        x, y = load_cifar(cifar_dir, "test", n=n_images, seed=seed)
     else:
         raise ValueError(f"data: expected one of {DATASETS}, got {data!r}")
     return score_model, classifier, x.to(device), y.to(device)
@@ -134,25 +155,43 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
     """Both axes of Fig. 4: accuracy vs t* (lam = cfg.lam) and vs lam (t* = cfg.t_star).
 
     problem: optional (score_model, classifier, x, y) instead of `load_problem`.  Writes sweep.csv,
-    sweep.json and sweep.png under out_dir (skipped when None); returns the JSON dict.
+    sweep.json and sweep.png under out_dir (skipped when None); returns the JSON dict.  out_dir is
+    checked for writing before anything is loaded; each finished point is kept in out_dir/cells/
+    until the outputs are written, and a rerun with the same config, networks and images resumes
+    from them.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    if out_dir is not None:
+        check_out_dir(out_dir, OUTPUT_FILES)
     if problem is None:
         problem = load_problem(cfg.data, n_images=cfg.n_images, seed=cfg.seed, device=device, **load_kwargs)
     score_model, classifier, x, y = problem
+    # everything that changes a point's numbers; the grids only choose which points there are
+    setting = {k: v for k, v in asdict(cfg).items() if k not in ("t_grid", "lam_grid")}
+    cells = CellStore(None if out_dir is None else os.path.join(out_dir, CELLS_DIR),
+                      {"study": "sweep", "config": setting, "device": str(torch.device(device)),
+                       "problem": fingerprint(score_model, classifier, x, y)})
     points = [("t_star", t, cfg.lam) for t in cfg.t_grid] + [("lam", cfg.t_star, lam) for lam in cfg.lam_grid]
     rows, done = [], {}
+    for t_star, lam in dict.fromkeys((t, lam) for _, t, lam in points):
+        cached = cells.get(f"t{float(t_star)!r}-lam{float(lam)!r}")
+        if cached is not None:
+            done[t_star, lam] = cached
+    if done and progress:
+        print(f"sweep: resuming, {len(done)} point(s) already done in {cells.directory}", file=sys.stderr)
     for axis, t_star, lam in tqdm(points, desc=f"sweep ({cfg.data})", disable=not progress):
         if (t_star, lam) not in done:  # (t*, lam) = (cfg.t_star, cfg.lam) lies on both axes: run it once
             done[t_star, lam] = accuracy_point(score_model, classifier, x, y, t_star=t_star, lam=lam, dt=cfg.dt,
                                                eps=cfg.eps, n_iter=cfg.n_iter, batch_size=cfg.batch_size,
                                                seed=cfg.seed, engine=cfg.engine, n_eval=cfg.n_eval, eot=cfg.eot)
+            cells.put(f"t{float(t_star)!r}-lam{float(lam)!r}", done[t_star, lam])
         rows.append({"axis": axis, **done[t_star, lam]})
     result = {"config": asdict(cfg), "rows": rows, "seconds": time.perf_counter() - start}
     if out_dir is not None:
         write_sweep(result, out_dir)
+        cells.clear()
     return result
 
 
@@ -181,5 +220,5 @@ def plot_sweep(result: dict, path: str) -> None:
         ax.set_title(f"{cfg['data']}, {fixed}, eps = {cfg['eps']:.3g}, n = {cfg['n_images']}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)

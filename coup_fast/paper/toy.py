@@ -24,12 +24,14 @@ the lam = 0 column is one solve shared by every c.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import torch
 from torch import nn
 
-from . import write_outputs
+from . import CELLS_DIR, CellStore, check_out_dir, write_outputs
 from ..analytic import GaussianMixture
 from ..purify import Noise, Setting, solve
 from ..sde import ReverseGrid, euler_maruyama_step, vp_alpha, vp_gamma, vp_sigma
@@ -43,6 +45,11 @@ C_GRID = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 LAM_GRID = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 N_PATHS = 100_000
 TINY = 1e-12  # clamp of q(x) into [TINY, 1 - TINY]
+# Largest c and lam accepted: far beyond the paper's (c, lam <= 10), and far below float32
+# overflow: the derivative of c n(x) / p1(x) reaches c * 3e26 (1/p1 is capped at 2.5 e^60), so
+# c ~ 1e12 already gives inf, and c = 1e20 silently switched the guidance off.
+MAX_WEIGHT = 1e6
+OUTPUT_FILES = ("toy.csv", "toy.json", "toy.png")
 NOISE_FREQ = 100.0  # n(x) = sin(NOISE_FREQ x) / NOISE_FREQ
 
 
@@ -272,6 +279,20 @@ def prop2_check(result: dict, noise: torch.Tensor, *, x_start=X_START, t_star=T_
     }
 
 
+def _check_grid(name: str, values) -> tuple:
+    """values as a tuple of floats in [0, MAX_WEIGHT], or a ValueError naming `name`."""
+    try:
+        if isinstance(values, (str, bytes)):  # "12" would otherwise pass as (1.0, 2.0)
+            raise TypeError
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a sequence of numbers, got {values!r}") from None
+    bad = [v for v in values if not 0.0 <= v <= MAX_WEIGHT]  # NaN fails both comparisons
+    if not values or bad:
+        raise ValueError(f"{name}: expected a non-empty sequence of numbers in [0, {MAX_WEIGHT:g}], got {values!r}")
+    return values
+
+
 def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_grid=C_GRID, lam_grid=LAM_GRID,
             seed: int = 0, x_start: float = X_START, t_star: float = T_STAR, dt: float = DT,
             dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
@@ -279,45 +300,66 @@ def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_
     the Prop. 2 check.
 
     Writes toy.csv, toy.json and toy.png (Fig. 3b: both flip probabilities vs lam, one line per c) under
-    out_dir (skipped when out_dir is None).  Returns the JSON dict.
+    out_dir (skipped when out_dir is None), which is checked for writing first.  Each finished cell
+    is kept in out_dir/cells/ until then, and a rerun with the same settings resumes from them.
+    Returns the JSON dict.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    c_grid, lam_grid = _check_grid("c_grid", c_grid), _check_grid("lam_grid", lam_grid)
+    if isinstance(n_paths, bool) or not isinstance(n_paths, int) or n_paths < 1:
+        raise ValueError(f"n_paths: expected an integer >= 1, got {n_paths!r}")
+    if out_dir is not None:
+        check_out_dir(out_dir, OUTPUT_FILES)
     grid = ReverseGrid.from_dt(t_star, dt)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(grid.n_steps, n_paths, 1, generator=gen, dtype=torch.float64).to(dtype)
+    setup = {"means": MEANS, "std": STD, "x_start": x_start, "t_star": t_star, "dt": dt, "n_steps": grid.n_steps,
+             "n_paths": n_paths, "seed": seed, "dtype": str(dtype).replace("torch.", ""), "tiny": TINY,
+             "classifier": "q = clamp(p1/(p0+p1+c sin(100x)/100)), p(y=0|x) = 1 - q"}
+    store = CellStore(None if out_dir is None else os.path.join(out_dir, CELLS_DIR),
+                      {"study": "toy", "setup": setup, "noise_freq": NOISE_FREQ})
+    noise = None  # drawn only when a cell has to be computed (a resumed run may need none)
     rows, cache = [], {}
     cells = [(c, lam) for c in c_grid for lam in lam_grid]
     for c, lam in tqdm(cells, desc="toy (c, lam)", disable=not progress):
         key = ("any", 0.0) if lam == 0 else (c, lam)  # lam = 0 never calls the classifier
+        name = "lam0" if lam == 0 else f"c{c!r}-lam{lam!r}"
         if key not in cache:
+            cache[key] = store.get(name)
+            if cache[key] is not None and progress:
+                tqdm.write(f"toy: cell {name} already done in {store.directory}", file=sys.stderr)
+        if cache[key] is None:
+            if noise is None:
+                gen = torch.Generator().manual_seed(seed)
+                noise = torch.randn(grid.n_steps, n_paths, 1, generator=gen, dtype=torch.float64).to(dtype)
             res = simulate(c, lam, noise, x_start=x_start, t_star=t_star, dt=dt)
-            cache[key] = (res, prop2_check(res, noise, x_start=x_start, t_star=t_star, dt=dt))
-        res, p2 = cache[key]
-        flip = float((res["x_final"] < 0).double().mean())
-        ever = float((res["x_min"] < 0).double().mean())
+            cache[key] = {"flip_prob": float((res["x_final"] < 0).double().mean()),
+                          "flip_ever": float((res["x_min"] < 0).double().mean()),
+                          # paths thrown far out by the noisy classifier's large gradients (poles of q for big c)
+                          "frac_abs_x0_gt_3": float((res["x_final"].abs() > 3).double().mean()),
+                          **prop2_check(res, noise, x_start=x_start, t_star=t_star, dt=dt)}
+            store.put(name, cache[key])
+        cell = cache[key]
+        flip, ever = cell["flip_prob"], cell["flip_ever"]
         rows.append({"c": c, "lam": lam, "flip_prob": flip, "se": math.sqrt(flip * (1 - flip) / n_paths),
                      "flip_ever": ever, "se_ever": math.sqrt(ever * (1 - ever) / n_paths),
-                     "prop2_frac_global": p2["frac_global"], "prop2_frac_per_path": p2["frac_per_path"],
-                     "C_s": p2["C_s"], "C_p": p2["C_p"], "C_x": p2["C_x"],
-                     # paths thrown far out by the noisy classifier's large gradients (poles of q for big c)
-                     "frac_abs_x0_gt_3": float((res["x_final"].abs() > 3).double().mean())})
+                     "prop2_frac_global": cell["frac_global"], "prop2_frac_per_path": cell["frac_per_path"],
+                     "C_s": cell["C_s"], "C_p": cell["C_p"], "C_x": cell["C_x"],
+                     "frac_abs_x0_gt_3": cell["frac_abs_x0_gt_3"]})
     result = {
-        "setup": {"means": MEANS, "std": STD, "x_start": x_start, "t_star": t_star, "dt": dt, "n_steps": grid.n_steps,
-                  "n_paths": n_paths, "seed": seed, "dtype": str(dtype).replace("torch.", ""), "tiny": TINY,
-                  "classifier": "q = clamp(p1/(p0+p1+c sin(100x)/100)), p(y=0|x) = 1 - q"},
+        "setup": setup,
         "exact_flip_lam0_c0": exact_flip_probability(x_start, t_star),
         "quadrature_flip_lam0_c0": quadrature_flip_probability(x_start, t_star),
         "rows": rows,
         "prop2": {"gamma": vp_gamma(t_star),
                   "min_frac_global": min(r["prop2_frac_global"] for r in rows),
                   "min_frac_per_path": min(r["prop2_frac_per_path"] for r in rows),
-                  "max_ratio_per_path": max(p2["max_ratio_per_path"] for _, p2 in cache.values())},
+                  "max_ratio_per_path": max(cell["max_ratio_per_path"] for cell in cache.values())},
         "seconds": time.perf_counter() - start,
     }
     if out_dir is not None:
         write_toy(result, out_dir)
+        store.clear()
     return result
 
 
@@ -361,5 +403,5 @@ def plot_toy(result: dict, path: str) -> None:
     axes[0].axhline(result["exact_flip_lam0_c0"], color="k", ls=":", lw=1, label="exact, lam = 0")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)

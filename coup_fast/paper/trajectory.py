@@ -18,12 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import check_out_dir
+from .._files import atomic_write, atomic_write_text
 from ..guidance import image_to_state, state_to_image
 from ..purify import Noise, Setting, purify, solve
 from ..sde import ReverseGrid
 from .sweep import apgd_ce, load_problem
 
 DEFAULTS = dict(n_images=32, eps=0.15, t_star=0.1, dt=1e-3, lam=1.0, n_iter=10)
+OUTPUT_FILES = ("trajectory.npz", "trajectory.json", "trajectory.png")
 
 
 class NoiselessPurified(nn.Module):
@@ -77,10 +80,13 @@ def run_trajectory(out_dir: str | None = "results/paper", *, data: str = "digits
     Writes trajectory.npz (t, p_true_noguide, p_adv_noguide, p_true_guided, p_adv_guided (n_fail, N + 1),
     final_pred_noguide, final_pred_guided, y_true, y_adv, index) and trajectory.png (means vs step with
     25-75 % bands, as Fig. 2a); returns a summary, with the accuracy of both paths' final predictions.
+    out_dir is checked for writing before anything is loaded or attacked.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    if out_dir is not None:
+        check_out_dir(out_dir, OUTPUT_FILES)
     if problem is None:
         problem = load_problem(data, n_images=n_images, seed=seed, device=device, **load_kwargs)
     score_model, classifier, x, y = problem
@@ -126,10 +132,14 @@ def run_trajectory(out_dir: str | None = "results/paper", *, data: str = "digits
     }
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        np.savez(os.path.join(out_dir, "trajectory.npz"), **arrays)
-        with open(os.path.join(out_dir, "trajectory.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        plot_trajectory(arrays, summary, os.path.join(out_dir, "trajectory.png"))
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a temporary name
+                np.savez(f, **arrays)
+
+        atomic_write(os.path.join(out_dir, "trajectory.npz"), write_npz)
+        atomic_write_text(os.path.join(out_dir, "trajectory.json"), json.dumps(summary, indent=2))
+        atomic_write(os.path.join(out_dir, "trajectory.png"), lambda tmp: plot_trajectory(arrays, summary, tmp))
     summary["arrays"] = arrays
     return summary
 
@@ -160,5 +170,5 @@ def plot_trajectory(arrays: dict, summary: dict, path: str) -> None:
     if summary["n_failures"]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)
