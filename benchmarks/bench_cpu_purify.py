@@ -64,7 +64,7 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
     """(setup description, fn) for one measured call."""
     from coup_fast import purify
     from coup_fast.purify import validate
-    from coup_fast.reference import brownian_interval, purify_unrolled, solve_torchsde
+    from coup_fast.reference import T_END, brownian_interval, purify_unrolled, solve_published, solve_torchsde
 
     score, clf, source = _models(models)
     g = torch.Generator().manual_seed(0)
@@ -73,11 +73,13 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
     kw = dict(t_star=t_star, lam=LAM, mode="coup")
     setting = validate(x, score, clf, dt=1e-3, gradient="exact", noise=None, **kw)
 
-    def torchsde_run(adjoint, adjoint_params=None):
+    def torchsde_run(adjoint, adjoint_params=None):  # sdeint, or the published attack's sdeint_adjoint
         state = (2 * x - 1).requires_grad_(adjoint)
-        out = solve_torchsde(state, score, clf, setting, bm=brownian_interval(state, t_star), adjoint=adjoint,
-                             adjoint_params=adjoint_params)
-        return torch.autograd.grad(out, state, w)[0] if adjoint else out
+        if not adjoint:
+            return solve_torchsde(state, score, clf, setting, bm=brownian_interval(state, t_star))
+        out = solve_published(state, score, clf, setting, bm=brownian_interval(state, t_star, t_end=T_END),
+                              adjoint_params=adjoint_params)
+        return torch.autograd.grad(out, state, w)[0]
 
     if method in ("purify", "purify-compiled"):
         engine = "compile" if method == "purify-compiled" else "auto"

@@ -39,7 +39,7 @@ from coup_fast import graphs
 from coup_fast.noise import draw_seed, philox_normal
 from coup_fast.precision import Precision, precision_context, prepare
 from coup_fast.purify import adjoint_vjp, drift_terms, purify
-from coup_fast.reference import brownian_interval, purify_torchsde
+from coup_fast.reference import brownian_interval, purify_published, purify_torchsde
 from coup_fast.score import score_sde_continuous
 from coup_fast.sde import ReverseGrid
 
@@ -203,35 +203,20 @@ class _Trainable:
             p.grad = None
 
 
-class TimeFloor(torch.nn.Module):
-    """score(x, max(t, t_min)).  torchsde's adjoint evaluates the drift at the terminal time t = 0,
-    where sigma(0) = 0 makes an eps-model's score infinite (NaN gradients); DiffPure stops its
-    time grid 1e-5 short of 0 for the same reason.  Steps at t_k >= h are unaffected."""
-
-    def __init__(self, score, t_min: float = 1e-5):
-        super().__init__()
-        self.score, self.t_min = score, t_min
-
-    def forward(self, x, t):
-        return self.score(x, t.clamp_min(self.t_min))
-
-
 def providers(args, score, clf, device):
     """(name, knob, purify_fn(x, gen, noise) or None, gradient_fn(x, v, gen, noise) or None, Precision)."""
     kw = dict(t_star=args.t_star, lam=args.lam, dt=args.dt)
-    ref_score = TimeFloor(score)
 
-    def reference(adjoint_params):
+    def reference(adjoint_params):  # the published attack (DiffPure's / COUP's sdeint_adjoint)
         def run(x, gen, noise):
-            bm = None if noise is not None else brownian_interval(x, args.t_star, seed=draw_seed(gen) % 2**31)
-            return purify_torchsde(x, ref_score, clf, noise=noise, bm=bm, adjoint=True, adjoint_params=adjoint_params,
-                                   **kw)
+            return purify_published(x, score, clf, noise=noise, seed=draw_seed(gen) % 2**31,
+                                    adjoint_params=adjoint_params, **kw)
         return run
 
     def ref_purify(x, gen, noise):
         bm = None if noise is not None else brownian_interval(x, args.t_star, seed=draw_seed(gen) % 2**31)
         with torch.no_grad():
-            return purify_torchsde(x, ref_score, clf, noise=noise, bm=bm, **kw)
+            return purify_torchsde(x, score, clf, noise=noise, bm=bm, **kw)
 
     rows = []
     if "torchsde" in args.engines:

@@ -17,13 +17,16 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .attacks import ATTACKS, NORMS, AttackSettings
 from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense
 from .graphs import ENGINES
+from .sde import DIFFUSION_SCHEDULES
 
-DATASETS = ("digits", "cifar10")
+DATASETS = ("digits", "cifar10", "cifar100")
+SUBSETS = ("paper", "seeded")  # coup_fast.data.load_cifar's subsets: DiffPure's numpy choice, or a torch permutation
+LAYOUTS = ("robustbench", "diffpure", "dm")  # coup_fast.models.wideresnet.load_wideresnet's layouts
 
 # Defaults per data set.  Digits: sized to finish in < 10 min on 2 shared CPU cores: 32 seeded
 # test images in one batch, dt = 0.02 (5 Euler steps over t* = 0.1 instead of the paper's 100),
@@ -32,20 +35,28 @@ DATASETS = ("digits", "cifar10")
 # shipped bare classifier (99.3 % clean, 300 test images) leaves 98 / 92 / 60 / 16 / 1 % at L-inf eps
 # 0.03 / 0.05 / 0.1 / 0.15 / 0.2, and 92 / 64 / 2 % at L2 eps 0.25 / 0.5 / 1.0.  L-inf 0.15 (about
 # 2.4 grey levels) breaks the bare classifier while the digits stay legible; L2 1.0 likewise.
-# CIFAR-10: the paper's setting (512 images, t* = 0.1 for L-inf and 0.075 for L2, lam = 1,
-# dt = 1e-3, full AutoAttack budgets).
+# CIFAR-10: the paper's protocol as its official code runs it (Sec. 5.1; DiffPure's settings): the 512
+# test images np.random.RandomState(0).choice(10000, 512, replace=False), t* = 0.1 for L-inf and 0.075
+# for L2, lam = 1, dt = 1e-3, full AutoAttack budgets (standard and rand, EOT 20), BPDA+EOT (PGD-20), and
+# every purifier attacked both with the exact gradient and with the published one ('@adjoint').
+# CIFAR-100: Sec. 5.2.1's setting (APGD-CE, L-inf 8/255, 100-class WideResNets), same subset rule.
+_PAPER_DEFENSES = ["none", "diffpure", "diffpure@adjoint", "reverse", "coup", "coup@adjoint"]
 PRESETS = {
     "digits": dict(n_images=32, batch_size=32, eps_linf=0.15, eps_l2=1.0, t_star_linf=0.1, t_star_l2=0.1, dt=2e-2,
                    n_iter=5, eot=2, pgd_iter=10, pgd_eot=2, bpda_iter=20, bpda_eot=2, fab_iter=10,
-                   square_queries=100, n_eval=4,
+                   square_queries=100, n_eval=4, threads=1,
                    defenses=["none", "diffpure", "reverse", "coup", "coup@detached-guidance"],
                    attacks=["apgd-ce", "aa-rand"], threats=["Linf"]),
     "cifar10": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075, dt=1e-3,
                     n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
-                    square_queries=5000, n_eval=4,
-                    defenses=["none", "diffpure", "reverse", "coup", "coup@detached-guidance"],
-                    attacks=["aa", "apgd-ce", "bpda-eot"], threats=["Linf", "L2"]),
+                    square_queries=5000, n_eval=4, defenses=_PAPER_DEFENSES, attacks=["aa", "apgd-ce", "bpda-eot"],
+                    threats=["Linf", "L2"]),
+    "cifar100": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075,
+                     dt=1e-3, n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
+                     square_queries=5000, n_eval=4, defenses=["none", "reverse", "coup", "coup@adjoint"],
+                     attacks=["apgd-ce"], threats=["Linf"]),
 }
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 class ConfigError(ValueError):
@@ -56,48 +67,68 @@ class ConfigError(ValueError):
         self.field = name
 
 
+def _setting(default, help: str):
+    """A field of EvalConfig with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
     """Settings of `coup-fast eval`.  None means: the data set's preset (PRESETS)."""
 
-    data: str = "digits"
-    n_images: int | None = None             # evaluation images (seeded subset)
-    batch_size: int | None = None
-    seed: int = 0
-    defenses: list | None = None            # DEFENSES, optionally name@gradient
-    attacks: list | None = None             # attacks.ATTACKS
-    threats: list | None = None             # Linf, L2
-    eps_linf: float | None = None
-    eps_l2: float | None = None
-    t_star: float | None = None             # overrides both per-threat values below
-    t_star_linf: float | None = None
-    t_star_l2: float | None = None
-    lam: float = 1.0
-    dt: float | None = None
-    gradient: str = "exact"                 # attacker gradient of defenses without @gradient
-    engine: str = "auto"                    # purify's engine (not in the resume hash: engines agree to round-off)
-    n_iter: int | None = None               # APGD iterations
-    eot: int | None = None                  # AutoAttack-rand EOT samples
-    n_restarts: int = 1
-    n_target_classes: int = 9
-    fab_iter: int | None = None
-    square_queries: int | None = None
-    pgd_iter: int | None = None
-    pgd_step: float | None = None
-    pgd_eot: int | None = None
-    bpda_iter: int | None = None
-    bpda_step: float | None = None
-    bpda_eot: int | None = None
-    n_eval: int | None = None               # R: purifications of each final adversarial batch
-    out: str = "coup_fast_eval"
-    device: str = "auto"
-    cifar_dir: str | None = None
-    score_ckpt: str | None = None
-    classifier_ckpt: str | None = None
-    weights_dir: str | None = None          # digits: directory of the digits weights (default: shipped)
-    wrn_depth: int = 28
-    wrn_widen: int = 10
-    progress: bool = True
+    data: str = _setting("digits", f"data set and preset, one of {DATASETS}")
+    n_images: int | None = _setting(None, "evaluation images (the data set's subset; digits 32, CIFAR 512)")
+    subset: str = _setting("paper", f"CIFAR image subset, one of {SUBSETS}: 'paper' = DiffPure's and COUP's "
+                                    "np.random.RandomState(seed).choice(10000, n, replace=False); 'seeded' = a torch "
+                                    "permutation of seed")
+    batch_size: int | None = _setting(None, "images per attack batch (digits 32, CIFAR 64)")
+    seed: int = _setting(0, "seed of the image subset and of every batch's attack and purification noise")
+    defenses: list | None = _setting(None, "comma list of defenses " + str(DEFENSES) + ", each optionally "
+                                           "@gradient, the attacker's gradient " + str(ATTACK_GRADIENTS) + "; "
+                                           "'@adjoint' is the published COUP / DiffPure attack")
+    attacks: list | None = _setting(None, f"comma list of attacks {ATTACKS}")
+    threats: list | None = _setting(None, f"comma list of threat models {NORMS}")
+    eps_linf: float | None = _setting(None, "L-inf radius in [0, 1] pixel units (digits 0.15, CIFAR 8/255)")
+    eps_l2: float | None = _setting(None, "L2 radius (digits 1.0, CIFAR 0.5)")
+    t_star: float | None = _setting(None, "purification time t*, overriding both per-threat values below")
+    t_star_linf: float | None = _setting(None, "t* under L-inf (paper: 0.1)")
+    t_star_l2: float | None = _setting(None, "t* under L2 (paper: 0.075)")
+    lam: float = _setting(1.0, "guidance weight lambda of COUP (paper: 1)")
+    dt: float | None = _setting(None, "Euler-Maruyama step; N = t*/dt steps (digits 0.02, CIFAR 1e-3)")
+    diffusion: str = _setting("ddpm", "DiffPure's forward diffusion: 'ddpm' (its code's discrete schedule) or 'vp' "
+                                      "(the continuous marginal)")
+    gradient: str = _setting("exact", f"attacker gradient of defenses given without @gradient, one of {ATTACK_GRADIENTS}")
+    engine: str = _setting("auto", f"purify's engine, one of {ENGINES} ('compile': torch.compile'd steps, the CPU's "
+                                   "fast path); not in the resume hash, engines agree to round-off")
+    n_iter: int | None = _setting(None, "APGD iterations, in apgd-ce and inside AutoAttack (paper: 100)")
+    eot: int | None = _setting(None, "EOT draws per gradient of AutoAttack 'rand' (paper: 20)")
+    n_restarts: int = _setting(1, "APGD restarts")
+    n_target_classes: int = _setting(9, "target classes of APGD-T and FAB-T in AutoAttack 'standard'")
+    fab_iter: int | None = _setting(None, "FAB-T iterations (AutoAttack 'standard')")
+    square_queries: int | None = _setting(None, "Square queries (AutoAttack 'standard')")
+    pgd_iter: int | None = _setting(None, "pgd-eot iterations")
+    pgd_step: float | None = _setting(None, "pgd-eot step (default 2.5 eps / iterations)")
+    pgd_eot: int | None = _setting(None, "pgd-eot EOT draws per gradient")
+    bpda_iter: int | None = _setting(None, "bpda-eot iterations (paper: PGD-20)")
+    bpda_step: float | None = _setting(None, "bpda-eot step (default 0.007 at L-inf 8/255, scaled with eps)")
+    bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
+    n_eval: int | None = _setting(None, "R: purifications of each final adversarial batch (mean and worst case)")
+    out: str = _setting("coup_fast_eval", "output directory: per-batch results (resume), results.json/.md/.csv")
+    device: str = _setting("auto", "torch device (auto: this rank's GPU if there is one, else cpu)")
+    threads: int | None = _setting(None, "torch CPU threads (digits: 1, the tiny nets run fastest so on a shared "
+                                         "machine; otherwise the cores divided by torchrun's local ranks)")
+    cifar_dir: str | None = _setting(None, "CIFAR python-version directory or .tar.gz (coup_fast.data.load_cifar)")
+    score_ckpt: str | None = _setting(None, "Score SDE NCSN++ checkpoint: checkpoint_8.pth, a {'model', 'ema'} dict "
+                                            "or .safetensors (coup_fast.models.load_ncsnpp)")
+    classifier_ckpt: str | None = _setting(None, "WideResNet checkpoint (coup_fast.models.load_wideresnet)")
+    classifier_layout: str | None = _setting(None, f"the checkpoint's WideResNet layout, one of {LAYOUTS} (default: "
+                                                   "detected from its keys; see load_wideresnet)")
+    weights_dir: str | None = _setting(None, "digits: directory of the digits weights (default: the shipped ones)")
+    wrn_depth: int = _setting(28, "WideResNet depth (28, or 70 for WRN-70-16)")
+    wrn_widen: int = _setting(10, "WideResNet widen factor (10, or 16 for WRN-70-16)")
+    dry_run: bool = _setting(False, "validate every file and setting, measure a few steps, print the plan "
+                                    "(purifications and gradients per attack, estimated time, sharding) and exit")
+    progress: bool = _setting(True, "progress bars (--no-progress turns them off)")
 
     def resolved(self) -> "EvalConfig":
         """A copy with the data set's preset filled in for every None field."""
@@ -109,6 +140,9 @@ class EvalConfig:
                 setattr(cfg, name, list(value) if isinstance(value, list) else value)
         if cfg.t_star is not None:
             cfg.t_star_linf = cfg.t_star_l2 = cfg.t_star
+        if cfg.threads is None:  # the cores, shared by the ranks torchrun starts on this node
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            cfg.threads = max(1, (os.cpu_count() or 1) // max(local_ranks, 1))
         return cfg
 
     def attack_settings(self) -> AttackSettings:
@@ -117,7 +151,8 @@ class EvalConfig:
 
 
 _POSITIVE_INT = ("n_images", "batch_size", "n_iter", "eot", "n_restarts", "n_target_classes", "fab_iter", "square_queries",
-                 "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen")
+                 "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen", "threads")
+_CHOICES = {"subset": SUBSETS, "diffusion": DIFFUSION_SCHEDULES, "gradient": ATTACK_GRADIENTS, "engine": ENGINES}
 _POSITIVE_FLOAT = ("eps_linf", "eps_l2", "t_star_linf", "t_star_l2", "dt", "bpda_step", "pgd_step")
 
 
@@ -141,10 +176,11 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     for t in cfg.threats:
         if t not in NORMS:
             raise ConfigError("threats", f"unknown threat model {t!r}; expected one of {NORMS}")
-    if cfg.gradient not in ATTACK_GRADIENTS:
-        raise ConfigError("gradient", f"expected one of {ATTACK_GRADIENTS}, got {cfg.gradient!r}")
-    if cfg.engine not in ENGINES:
-        raise ConfigError("engine", f"expected one of {ENGINES}, got {cfg.engine!r}")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(name, f"expected one of {choices}, got {getattr(cfg, name)!r}")
+    if cfg.classifier_layout is not None and cfg.classifier_layout not in LAYOUTS:
+        raise ConfigError("classifier_layout", f"expected one of {LAYOUTS} (or unset: detected), got {cfg.classifier_layout!r}")
     labels = []
     for spec in cfg.defenses:
         try:
@@ -183,19 +219,21 @@ def validate(cfg: EvalConfig) -> EvalConfig:
             raise ConfigError("device", f"{cfg.device!r}: this machine has no CUDA device (use cpu or auto)")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ConfigError("device", f"{cfg.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if cfg.data == "cifar10":
+    if cfg.data != "digits":
         for name in ("cifar_dir", "score_ckpt", "classifier_ckpt"):
             p = getattr(cfg, name)
             if p is None:
-                raise ConfigError(name, "required with data = cifar10")
+                raise ConfigError(name, f"required with data = {cfg.data}")
             if not os.path.exists(p):
                 raise ConfigError(name, f"no such file or directory: {p!r}")
+        if cfg.weights_dir is not None:
+            raise ConfigError("weights_dir", f"only used with data = digits (data is {cfg.data!r})")
     else:
         if cfg.weights_dir is not None and not os.path.isdir(cfg.weights_dir):
             raise ConfigError("weights_dir", f"no such directory: {cfg.weights_dir!r}")
-        for name in ("cifar_dir", "score_ckpt", "classifier_ckpt"):
+        for name in ("cifar_dir", "score_ckpt", "classifier_ckpt", "classifier_layout"):
             if getattr(cfg, name) is not None:
-                raise ConfigError(name, f"only used with data = cifar10 (data is {cfg.data!r})")
+                raise ConfigError(name, f"only used with CIFAR data (data is {cfg.data!r})")
     return cfg
 
 
@@ -281,19 +319,38 @@ def load_everything(cfg: EvalConfig, device):
         except Exception as e:
             raise ConfigError("score_ckpt", f"cannot load {cfg.score_ckpt!r} as the NCSN++ score model: {e}") from None
         try:
-            classifier = load_wideresnet(cfg.classifier_ckpt, cfg.wrn_depth, cfg.wrn_widen, device=device)
+            classifier = load_wideresnet(cfg.classifier_ckpt, cfg.wrn_depth, cfg.wrn_widen, device=device,
+                                         layout=cfg.classifier_layout, num_classes=NUM_CLASSES[cfg.data])
         except Exception as e:
-            raise ConfigError("classifier_ckpt", f"cannot load {cfg.classifier_ckpt!r} as WideResNet-"
-                                                 f"{cfg.wrn_depth}-{cfg.wrn_widen}: {e}") from None
+            raise ConfigError("classifier_ckpt", f"cannot load {cfg.classifier_ckpt!r} as a {NUM_CLASSES[cfg.data]}-class "
+                                                 f"WideResNet-{cfg.wrn_depth}-{cfg.wrn_widen}: {e}") from None
         try:
-            x, y = load_cifar(cfg.cifar_dir, "test", n=cfg.n_images, seed=cfg.seed)
+            x, y = load_cifar(cfg.cifar_dir, "test", n=cfg.n_images, seed=cfg.seed, dataset=cfg.data, subset=cfg.subset)
         except Exception as e:
             raise ConfigError("cifar_dir", str(e)) from None
         if cfg.n_images > x.shape[0]:
             raise ConfigError("n_images", f"the test split has {x.shape[0]} images, got {cfg.n_images}")
         for m in (score_model, classifier):
             m.to(device).eval().requires_grad_(False)
-    return score_model, classifier, x.to(device), y.to(device)
+    x, y = x.to(device), y.to(device)
+    check_shapes(cfg, score_model, classifier, x)
+    return score_model, classifier, x, y
+
+
+def check_shapes(cfg: EvalConfig, score_model, classifier, x):
+    """One image through each network: the score has the image's shape, the logits one entry per class."""
+    import torch
+
+    with torch.no_grad():
+        probe = x[:1]
+        logits = classifier(probe)
+        score = score_model(probe * 2 - 1, torch.full((1,), 0.05, dtype=x.dtype, device=x.device))
+    if tuple(logits.shape) != (1, NUM_CLASSES[cfg.data]):
+        raise ConfigError("classifier_ckpt", f"the classifier gives logits of shape {tuple(logits.shape)} for one image; "
+                                             f"{cfg.data} has {NUM_CLASSES[cfg.data]} classes")
+    if tuple(score.shape) != tuple(probe.shape):
+        raise ConfigError("score_ckpt", f"the score model maps an image of shape {tuple(probe.shape)} to "
+                                        f"{tuple(score.shape)}")
 
 
 def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
@@ -305,7 +362,8 @@ def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
     for spec in cfg.defenses:
         per_threat = {}
         for threat in cfg.threats:
-            d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient)
+            d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient,
+                              diffusion=cfg.diffusion)
             per_threat[threat] = build_defense(d, score_model, classifier, engine=cfg.engine)
             # The bare classifier does not depend on the purifier settings.
             specs.setdefault(d.label, {})[threat] = {"name": "none"} if d.name == "none" else dataclasses.asdict(d)
@@ -320,19 +378,15 @@ def add_eval_parser(subparsers):
                               description="Robust accuracy of COUP and baselines (paper Tables 1-3). "
                                           "Without arguments: embedded digits models on a small seeded subset.")
     p.add_argument("--config", help="TOML or YAML file of settings (field names as below); flags override it")
-    helps = {"defenses": f"comma list of {DEFENSES}, each optionally @gradient ({ATTACK_GRADIENTS})",
-             "attacks": f"comma list of {ATTACKS}", "threats": f"comma list of {NORMS}",
-             "data": f"one of {DATASETS}", "gradient": f"attacker gradient, one of {ATTACK_GRADIENTS}",
-             "engine": f"purify's engine, one of {ENGINES} ('compile': torch.compile'd steps, the CPU's fast path)",
-             "n_eval": "R: purifications of each final adversarial batch (mean and worst case)",
-             "out": "output directory (per-batch results, results.json/.md/.csv)"}
     for f in fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
-            continue
-        kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(str(f.type), str)
-        p.add_argument(flag, dest=f.name, type=kind, default=None, help=helps.get(f.name))
+            p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help=help)
+        elif f.type == "bool":
+            p.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help)
+        else:
+            kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=help)
     p.set_defaults(func=run_eval)
     return p
 
@@ -364,9 +418,10 @@ def _init_distributed(device) -> bool:
 def run_eval(args) -> int:
     cfg = validate(config_from_args(args))
     device = _device(cfg)
-    started = _init_distributed(device)
     import torch
 
+    torch.set_num_threads(cfg.threads)
+    started = _init_distributed(device)
     from .evaluate import evaluate
 
     try:
@@ -374,6 +429,10 @@ def run_eval(args) -> int:
         t0 = time.perf_counter()
         score_model, classifier, x, y = load_everything(cfg, device)
         models, specs = build_models(cfg, score_model, classifier)
+        if cfg.dry_run:
+            if rank == 0:
+                print(dry_run(cfg, models, x, y))
+            return 0
         eps = {"Linf": cfg.eps_linf, "L2": cfg.eps_l2}
         table = evaluate(models, x, y, attacks=cfg.attacks, threats=cfg.threats, eps=eps,
                          settings=cfg.attack_settings(), n_eval=cfg.n_eval, batch_size=cfg.batch_size,
@@ -391,6 +450,93 @@ def run_eval(args) -> int:
         if started:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
+    """The plan of the run `cfg` describes, with measured step times (coup_fast.plan): returned as text."""
+    import torch
+
+    from .plan import H200_CIFAR_STEP_SECONDS, attack_work, hours, estimate, measure_step_seconds
+    from .sde import ReverseGrid
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Two steps of the whole batch after a warm-up call, except for CIFAR-size networks on a CPU: one step
+    # of two images, no warm-up (seconds per image there, the cost close to linear in the batch, and
+    # first-call costs small beside it)
+    small = cfg.data == "digits" or x.is_cuda
+    batch = min(cfg.batch_size, x.shape[0]) if small else min(cfg.batch_size, x.shape[0], 2)
+    steps = 2 if small else 1
+    xb, yb = x[:batch], y[:batch]
+    settings, t_star = cfg.attack_settings(), {"Linf": cfg.t_star_linf, "L2": cfg.t_star_l2}
+    cifar = cfg.data != "digits"
+    lines = [f"coup-fast eval --dry-run: {cfg.data}, {x.shape[0]} images of shape {tuple(x.shape[1:])} on {x.device}, "
+             f"batches of {cfg.batch_size}; every checkpoint loaded strictly and the shapes agree.",
+             f"Step times measured at batch {batch} over {steps} step(s){' after a warm-up' if small else ''}, "
+             f"scaled linearly to the batch and by N; counts are per image and upper bounds (no image is assumed "
+             f"broken early).", "",
+             "| defense | threat | attack | N | purifications / img | gradients / img | this device |"
+             + (" H200 (README rates) |" if cifar else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|" if cifar else "")]
+    total = h200_total = 0.0
+    measured = {}  # a step costs the same at every t*; guided (COUP) and unguided steps differ
+    for label, per_threat in models.items():
+        for threat in cfg.threats:
+            model = per_threat[threat]
+            if hasattr(model, "purify_kwargs"):
+                kw = model.purify_kwargs
+                gradient = kw["gradient"]
+                kinds = ["purify"] + ([gradient] if any(a != "bpda-eot" for a in cfg.attacks) else [])
+                guided = kw["mode"] == "coup" and kw["lam"] > 0
+                for kind in kinds:
+                    if (guided, kind) not in measured:
+                        measured[guided, kind] = measure_step_seconds(model, xb, yb, [kind], steps, small)[kind]
+                seconds = {kind: measured[guided, kind] for kind in kinds}
+                n_steps = ReverseGrid.from_dt(t_star[threat], cfg.dt).n_steps
+            else:  # the bare classifier: one "step" is a classifier call
+                gradient, n_steps = "exact", 1
+                if "classifier" not in measured:
+                    measured["classifier"] = _classifier_seconds(model, xb, yb)
+                seconds = measured["classifier"]
+            for attack in ["clean", *cfg.attacks]:
+                work = attack_work(attack, settings, cfg.n_eval if hasattr(model, "purify_kwargs") else 1)
+                here = estimate(work, x.shape[0], n_steps, seconds, gradient)
+                total += here
+                row = (f"| {label} | {threat} | {attack} | {n_steps} | {work.purifications:.0f} | {work.gradients:.0f} "
+                       f"| {hours(here)} |")
+                if cifar and hasattr(model, "purify_kwargs"):
+                    h200 = estimate(work, x.shape[0], n_steps, H200_CIFAR_STEP_SECONDS, gradient)
+                    h200_total += h200
+                    row += f" {hours(h200)} |"
+                elif cifar:  # a bare WRN-28-10 was not measured there, and costs little beside purification
+                    row += " – |"
+                lines.append(row)
+    n_tasks = len(models) * len(cfg.threats) * (1 + len(cfg.attacks)) * -(-x.shape[0] // cfg.batch_size)
+    lines += ["", f"Total on this device: {hours(total)} in one process; {n_tasks} (cell, batch) tasks, dealt "
+                  f"round-robin to torchrun's ranks: about {hours(total / world)} with the {world} rank(s) of this "
+                  f"launch, {hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
+    if cifar:
+        lines.append(f"On one H200 (README's measured rates for NCSN++ deep + WRN-28-10 at batch 64: graph engine, "
+                     f"TF32; the published adjoint in torchsde fp32): {hours(h200_total)}.")
+    lines.append("Nothing was run: drop --dry-run to start (interrupted runs resume from --out).")
+    return "\n".join(lines)
+
+
+def _classifier_seconds(classifier, x, y) -> dict:
+    """Seconds per image of a classifier forward ('purify') and forward + input gradient ('exact')."""
+    import torch
+
+    def grad():
+        xr = x.detach().clone().requires_grad_(True)
+        torch.autograd.grad(torch.nn.functional.cross_entropy(classifier(xr), y), xr)
+
+    out = {}
+    for kind, fn in (("purify", lambda: classifier(x)), ("exact", grad)):
+        with torch.set_grad_enabled(kind == "exact"):
+            fn()
+            start = time.perf_counter()
+            fn()
+            out[kind] = (time.perf_counter() - start) / x.shape[0]
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

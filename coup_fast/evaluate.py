@@ -33,7 +33,8 @@ from .attacks import AttackSettings, DEFAULT_EPS, NORMS, run_attack
 from .purify import GRADIENTS, PurifiedClassifier
 
 DEFENSES = ("none", "diffpure", "reverse", "coup")
-ATTACK_GRADIENTS = ("exact", "adjoint", "detached-guidance")  # what the attacker may differentiate with
+# What the attacker may differentiate with (purify's `gradient`); 'adjoint' is the published attack.
+ATTACK_GRADIENTS = ("exact", "adjoint", "detached-guidance")
 CLEAN = "clean"  # the pseudo-attack of the clean-accuracy column
 MODE = {"diffpure": "diffpure", "reverse": "reverse", "coup": "coup"}
 
@@ -47,6 +48,7 @@ class Defense:
     lam: float = 1.0
     dt: float = 1e-3
     gradient: str = "exact"
+    diffusion: str = "ddpm"  # DiffPure's forward marginal (purify's `diffusion`)
 
     @property
     def label(self) -> str:
@@ -72,7 +74,8 @@ def build_defense(defense: Defense, score_model, classifier, engine: str = "auto
         return classifier
     assert defense.gradient in GRADIENTS
     return PurifiedClassifier(score_model, classifier, t_star=defense.t_star, lam=defense.lam, dt=defense.dt,
-                              mode=MODE[defense.name], gradient=defense.gradient, engine=engine)
+                              mode=MODE[defense.name], gradient=defense.gradient, engine=engine,
+                              diffusion=defense.diffusion)
 
 
 def is_randomized(model) -> bool:

@@ -346,7 +346,7 @@ def purify_graph(x, score_model, classifier, setting, generator=None, gradient="
     start = state = image_to_state(x)
     if setting.mode == "diffpure":
         entry.write_seed(seed)
-        state = diffuse(state, setting.grid.t_star, ops.normal_noise(state.detach(), entry.table[-1]))
+        state = diffuse(state, setting.grid.t_star, ops.normal_noise(state.detach(), entry.table[-1]), setting.diffusion)
     if with_grad:
         out = _GraphSolve.apply(state, entry, seed)
     else:

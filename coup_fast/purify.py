@@ -12,7 +12,7 @@ from torch import nn
 from . import ops
 from .guidance import confidence_grad, image_to_state, state_to_image
 from .noise import draw_seed, rng_table
-from .sde import ReverseGrid, diffuse, euler_maruyama_step
+from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index, diffuse, euler_maruyama_step
 
 MODES = ("coup", "reverse", "diffpure")
 MEMORY = ("lean", "fast")
@@ -27,6 +27,7 @@ class Setting:
     grid: ReverseGrid
     lam: float
     mode: str
+    diffusion: str = "ddpm"  # DiffPure's forward marginal (mode 'diffpure' only): sde.DIFFUSION_SCHEDULES
 
     @property
     def n_noise(self) -> int:
@@ -60,7 +61,7 @@ def _warn_if_training(name, model):
 
 
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
-             memory="lean") -> Setting:
+             memory="lean", diffusion="ddpm") -> Setting:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -90,6 +91,10 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
     if not (_is_real(lam) and math.isfinite(lam) and lam >= 0.0):
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
+    if not isinstance(diffusion, str) or diffusion not in DIFFUSION_SCHEDULES:
+        raise ValueError(f"diffusion: expected one of {DIFFUSION_SCHEDULES}, got {diffusion!r}")
+    if mode == "diffpure" and diffusion == "ddpm":
+        ddpm_index(float(t_star))  # DiffPure's discrete schedule diffuses to step 1000 t*: t* on that grid
     for name, model in (("score_model", score_model), ("classifier", classifier)):
         if model is None and name == "score_model":
             raise ValueError("score_model: expected a callable (x, t) -> score, got None")
@@ -105,7 +110,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
     if effective_lam > 0.0 and torch.is_inference_mode_enabled():
         raise ValueError("lam: the guidance is a gradient of the classifier, which torch.inference_mode() forbids; "
                          "run purify under torch.no_grad() instead")
-    setting = Setting(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode)
+    setting = Setting(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion)
     if abs(setting.grid.h - dt) > 0.01 * dt:
         warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {setting.grid.n_steps} steps of "
                       f"h = {setting.grid.h:.4g}", stacklevel=3)
@@ -307,14 +312,13 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
             out = purify_state(x, score_model, classifier, setting, source, nets=nets)
         return x + (out - x).detach()
     if setting.mode == "diffpure":
-        x = diffuse(x, setting.grid.t_star, source.diffusion_eps(x))
-    if gradient == "adjoint":
-        from .reference import solve_torchsde
+        x = diffuse(x, setting.grid.t_star, source.diffusion_eps(x), setting.diffusion)
+    if gradient == "adjoint":  # the published attack, its forward included (reference.solve_published)
+        from .reference import solve_published
 
-        # adjoint_params=(): like every gradient here, one with respect to x only (DiffPure's cost,
-        # with the score net's weights as adjoint parameters, is reference.solve_torchsde's default)
-        return solve_torchsde(x, score_model, classifier, setting, source.step_noise(x, setting), adjoint=True,
-                              adjoint_params=())
+        step_noise = None if source.tensor is None else source.tensor[source.offset:]
+        return solve_published(x, score_model, classifier, setting, noise=step_noise, seed=source.seed,
+                               adjoint=x.requires_grad)
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
             return solve(x, score_model, classifier, setting, source, nets=nets)
@@ -322,17 +326,21 @@ def purify_state(x, score_model, classifier, setting: Setting, source: Noise, gr
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact", memory="lean", engine="auto"):
+           gradient="exact", memory="lean", engine="auto", diffusion="ddpm"):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
     t of shape (B,).  classifier(u) -> logits for u in [0, 1] (may be None when lam = 0).
     mode: 'coup' (start at x, guidance lam), 'reverse' (lam = 0), 'diffpure' (diffuse to t*
-    first, lam = 0).  N = round(t*/dt) steps.  noise: optional (N, *x.shape) standard normals
+    first, lam = 0).  N = round(t*/dt) steps.  diffusion: DiffPure's forward marginal, 'ddpm' (its
+    code's discrete schedule, alpha_bar at step 1000 t*; t* on the 1/1000 grid) or 'vp' (the
+    continuous alpha(t*), sigma(t*)).  noise: optional (N, *x.shape) standard normals
     ((N + 1, ...) for 'diffpure', draw 0 diffusing) used as z_k exactly; otherwise a seed is
     drawn from `generator` (torch's global RNG if None).  gradient: 'exact' (discrete adjoint),
-    'adjoint' (torchsde stochastic adjoint), 'bpda' (straight-through), 'detached-guidance'
-    (the paper's code: guidance constant in the backward pass).  memory: 'lean' (exact gradient
+    'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
+    sdeint_adjoint, Euler, dt, BrownianInterval, path from t* to 1e-5, guidance detached; not an exact
+    gradient; coup_fast.reference.solve_published), 'bpda' (straight-through), 'detached-guidance'
+    (purify's own solve with the guidance constant in the backward pass).  memory: 'lean' (exact gradient
     stores the trajectory and recomputes one step's graph at a time) or 'fast' (keeps every
     step's graph: no recompute, N steps of activations).  Every gradient is with respect to x:
     model parameters are constants (their .grad is never touched); torch.autograd only, not
@@ -346,7 +354,7 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
-                       noise=noise, memory=memory)
+                       noise=noise, memory=memory, diffusion=diffusion)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     # --- engine hook: CUDA-graph-captured loops (coup_fast/graphs.py); None = not capturable, run eager ---

@@ -1,10 +1,22 @@
-"""Reference paths: the same guided SDE through torchsde, and plain autograd through the loop.
+"""Reference paths: the guided SDE through torchsde, the published attack, and plain autograd.
 
-torchsde integrates forward in time, so the reverse-time SDE of Eq. 5 is written in
-s = t* - t:  dy = beta(t) (y/2 + s_theta(y, t) + lam grad log max_y p) ds + sqrt(beta(t)) dW_s.
-With method='euler' and the Brownian increments of the same path, sdeint reproduces
-`purify` step for step; `sdeint_adjoint` solves the continuous adjoint SDE backwards
-(what DiffPure and the paper's code use for gradients).
+torchsde integrates forward in time, so the reverse-time SDE of Eq. 5 is written, as DiffPure's and
+COUP's official code write it, in torchsde's time tau = 1 - t, from tau = 1 - t* to 1 - t_end:
+
+    dy = beta(t) (y/2 + s_theta(y, t) + lam grad log max_y p) dtau + sqrt(beta(t)) dW_tau,   t = 1 - tau.
+
+- `purify_torchsde` / `solve_torchsde`: the same SDE through torchsde.  With method='euler' on purify's
+  grid (t_end = 0) and the Brownian increments of the same path, `sdeint` reproduces `purify` step for
+  step.  With adjoint=True, `sdeint_adjoint` solves the continuous adjoint SDE backwards; it needs
+  t_end > 0 (epsilon-model scores diverge at t = 0, where the adjoint evaluates the drift first), and
+  its uniform grid of N steps from t* to t_end makes the forward and the adjoint visit the same times.
+  The guidance stays differentiable, so this adjoint includes the lam H term (docs/design.md).
+- `purify_published` / `solve_published`: the attack gradient of the official COUP (and DiffPure) code,
+  reproduced: torchsde `sdeint_adjoint`, Euler, fixed dt (1e-3 in the paper), a torchsde
+  BrownianInterval, ts = [1 - t*, 1 - 1e-5] (so the path ends at t = 1e-5, its last step 1e-5
+  shorter), and the guidance computed on x.detach(): a constant to the adjoint, no lam H term.
+  `purify(gradient='adjoint')` runs exactly this, forward included.
+- `purify_unrolled`: plain autograd through every step of `purify`'s own loop, the exact-gradient oracle.
 """
 from __future__ import annotations
 
@@ -17,69 +29,83 @@ from torchsde._brownian import BaseBrownian  # the interface sdeint expects of `
 
 from .guidance import confidence_grad, image_to_state, state_to_image
 from .noise import philox_normal
-from .purify import Noise, Setting, solve, validate
+from .purify import Noise, Setting, batch_time, solve, validate
 from .sde import ReverseGrid, diffuse, vp_beta
 
+T_END = 1e-5  # the official code's reverse path ends at t = 1e-5: ts = [1 - t*, 1 - 1e-5] in torchsde's time
 
-T_MIN = 1e-5  # smallest time the torchsde drift is evaluated at
 
-
-class GuidedReverseSDE(nn.Module):
-    """Eq. 5 as a torchsde SDE (Ito, diagonal noise) in the forward variable s = t* - t.
+class ReverseVPSDE(nn.Module):
+    """Eq. 5 as a torchsde SDE (Ito, diagonal noise) in torchsde's time tau = 1 - t (DiffPure's RevVPSDE).
 
     States are flattened to (B, D) as torchsde requires; `shape` restores them for the networks.
+    detach_guidance=True computes the guidance on y.detach() (the published code): the adjoint then
+    sees it as a constant.  Otherwise the guidance is differentiable (create_graph) and the adjoint's
+    vector-Jacobian products include lam H.
     """
 
     noise_type = "diagonal"
     sde_type = "ito"
 
-    def __init__(self, score_model, classifier, lam: float, t_star: float, shape):
+    def __init__(self, score_model, classifier, lam: float, shape, detach_guidance: bool = False):
         super().__init__()
-        # Registered as submodules when they are modules, so sdeint_adjoint sees their
-        # parameters (DiffPure's setting: the score network's weights are adjoint parameters).
+        # Registered as submodules when they are modules, so sdeint_adjoint can see their parameters
+        # (DiffPure's cost: the score network's weights as adjoint parameters).
         self.score_model, self.classifier = score_model, classifier
-        self.lam, self.t_star, self.shape = float(lam), float(t_star), tuple(shape)
+        self.lam, self.shape, self.detach_guidance = float(lam), tuple(shape), detach_guidance
 
-    def _t(self, s):
-        # The adjoint evaluates the drift at the end point s = t* (t = 0), where sigma(0) = 0 makes
-        # epsilon-model scores infinite; the forward Euler solve never goes there (t_k >= h).  Clamp
-        # as DiffPure does.
-        return max(self.t_star - float(s), T_MIN)
-
-    def f(self, s, y):
-        t = self._t(s)
+    def f(self, tau, y):
+        t = 1.0 - float(tau)
         x = y.reshape(self.shape)
-        drift = 0.5 * x + self.score_model(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+        drift = 0.5 * x + self.score_model(x, batch_time(x, t))
         if self.lam > 0:
-            drift = drift + self.lam * confidence_grad(self.classifier, x, create_graph=y.requires_grad)
+            if self.detach_guidance:
+                guidance = confidence_grad(self.classifier, x.detach())
+            else:
+                guidance = confidence_grad(self.classifier, x, create_graph=y.requires_grad)
+            drift = drift + self.lam * guidance
         return (vp_beta(t) * drift).reshape(y.shape)
 
-    def g(self, s, y):
-        return torch.full_like(y, math.sqrt(vp_beta(self._t(s))))
+    def g(self, tau, y):
+        return torch.full_like(y, math.sqrt(vp_beta(1.0 - float(tau))))
+
+
+def torchsde_times(t_star: float, t_end: float, step: float) -> list[float]:
+    """The torchsde times tau_0 .. tau_N an Euler solve from 1 - t* to 1 - t_end visits with step `step`
+    (torchsde's rule: next = min(current + step, end), in float64)."""
+    tau, end = 1.0 - t_star, 1.0 - t_end
+    times = [tau]
+    while tau < end:
+        tau = min(tau + step, end)
+        times.append(tau)
+    return times
 
 
 class GridBrownian(BaseBrownian):
-    """A Brownian path given by its increments on the solver grid: W(s_{k+1}) - W(s_k) = sqrt(h) z_k.
+    """A Brownian path given by its increments on a grid: W(tau_{k+1}) - W(tau_k) = sqrt(tau_{k+1} - tau_k) z_k.
 
-    Lets torchsde run on exactly the noise `purify` uses; queries are snapped to the grid.
+    Lets torchsde run on exactly the noise `purify` uses.  Queries are snapped to the nearest grid
+    time (the adjoint's own grid may sit a little off the forward one, as on the published grid).
     """
 
-    def __init__(self, noise: torch.Tensor, h: float):
+    def __init__(self, times, noise: torch.Tensor):
         super().__init__()
         n = noise.shape[0]
-        inc = math.sqrt(h) * noise.reshape(n, noise.shape[1], -1)
-        self._cum = torch.cat([torch.zeros_like(inc[:1]), inc.cumsum(0)])  # W at s_0 .. s_N
-        self._h = h
+        if len(times) != n + 1:
+            raise ValueError(f"noise: expected {len(times) - 1} draws for the {len(times) - 1} steps of the grid, got {n}")
+        steps = torch.tensor([b - a for a, b in zip(times[:-1], times[1:])], dtype=noise.dtype, device=noise.device)
+        inc = steps.sqrt().reshape(n, 1, 1) * noise.reshape(n, noise.shape[1], -1)
+        self._cum = torch.cat([torch.zeros_like(inc[:1]), inc.cumsum(0)])  # W at tau_0 .. tau_N
+        self._times = torch.tensor(times, dtype=torch.float64)
 
-    def _w(self, s):
-        k = min(max(int(round(float(s) / self._h)), 0), self._cum.shape[0] - 1)
-        return self._cum[k]
+    def _w(self, tau):
+        return self._cum[int((self._times - float(tau)).abs().argmin())]
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
         return self._w(tb) - self._w(ta)
 
     def __repr__(self):
-        return f"GridBrownian(steps={self._cum.shape[0] - 1}, h={self._h})"
+        return f"GridBrownian(steps={self._cum.shape[0] - 1})"
 
     @property
     def dtype(self):
@@ -98,72 +124,125 @@ class GridBrownian(BaseBrownian):
         return "none"
 
 
-def brownian_interval(x: torch.Tensor, t_star: float, *, seed: int = 0) -> torchsde.BrownianInterval:
-    """A torchsde BrownianInterval on s in [0, t*] for states shaped like x (flattened per row)."""
-    return torchsde.BrownianInterval(t0=0.0, t1=float(t_star), size=(x.shape[0], x[0].numel()), dtype=x.dtype,
-                                     device=x.device, entropy=seed)
+def brownian_interval(x: torch.Tensor, t_star: float, *, seed: int = 0, t_end: float = 0.0) -> torchsde.BrownianInterval:
+    """A torchsde BrownianInterval on tau in [1 - t*, 1 - t_end] for states shaped like x (flattened per row)."""
+    return torchsde.BrownianInterval(t0=1.0 - float(t_star), t1=1.0 - float(t_end), size=(x.shape[0], x[0].numel()),
+                                     dtype=x.dtype, device=x.device, entropy=seed)
 
 
 def noise_from_brownian(bm, x_shape, t_star: float, dt: float = 1e-3) -> torch.Tensor:
-    """The (N, *x_shape) `noise` tensor z_k = (W(s_{k+1}) - W(s_k)) / sqrt(h) of a Brownian path."""
-    grid = ReverseGrid.from_dt(t_star, dt)
-    h = grid.h
-    draws = [bm(k * h, (k + 1) * h) / math.sqrt(h) for k in range(grid.n_steps)]
-    return torch.stack(draws).reshape(grid.n_steps, *x_shape)
+    """The (N, *x_shape) `noise` tensor z_k = (W(tau_{k+1}) - W(tau_k)) / sqrt(h) of a Brownian path on
+    purify's grid (tau_k = 1 - t* + k h, h = t*/N)."""
+    times = torchsde_times(t_star, 0.0, ReverseGrid.from_dt(t_star, dt).h * (1 + 1e-10))
+    draws = [bm(a, b) / math.sqrt(b - a) for a, b in zip(times[:-1], times[1:])]
+    return torch.stack(draws).reshape(len(draws), *x_shape)
 
 
-def solve_torchsde(x, score_model, classifier, setting: Setting, noise=None, *, bm=None, adjoint=False,
-                   adjoint_params=None, adjoint_method="euler"):
-    """Solve Eq. 5 from state x (in [-1, 1]) with torchsde; returns the final state, x's shape.
-
-    Give either `noise` ((N, *x.shape), as `purify` takes it) or a torchsde `bm`.  With
-    adjoint=True, gradients come from torchsde's stochastic adjoint; adjoint_params=None uses
-    every parameter of the models (DiffPure's configuration), () freezes them.
-    """
-    grid = setting.grid
-    sde = GuidedReverseSDE(score_model, classifier, setting.lam, grid.t_star, x.shape)
-    if bm is None:
-        bm = GridBrownian(noise.to(x.dtype), grid.h)
+def _integrate(sde, x, times_args, bm, adjoint: bool, adjoint_params, adjoint_method: str):
+    tau0, tau1, step = times_args
     # float64 times keep the solver on the grid where the Brownian increments were taken.
-    ts = torch.tensor([0.0, grid.t_star], dtype=torch.float64, device=x.device)
+    ts = torch.tensor([tau0, tau1], dtype=torch.float64, device=x.device)
     y0 = x.reshape(x.shape[0], -1)
     if adjoint:
         extra = {} if adjoint_params is None else {"adjoint_params": tuple(adjoint_params)}
-        ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method="euler", adjoint_method=adjoint_method, dt=grid.h,
+        ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method="euler", adjoint_method=adjoint_method, dt=step,
                                      **extra)
     else:
-        ys = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=grid.h)
+        ys = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=step)
     return ys[-1].reshape(x.shape)
 
 
-def purify_torchsde(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", noise=None, bm=None,
-                    adjoint=False, adjoint_params=None):
-    """`purify` through torchsde: images in [0, 1] -> purified images in [0, 1].
+def solve_torchsde(x, score_model, classifier, setting: Setting, noise=None, *, bm=None, t_end: float = 0.0,
+                   adjoint=False, adjoint_params=None, adjoint_method="euler"):
+    """Solve Eq. 5 from state x (in [-1, 1]) with torchsde on N uniform steps from t* to t_end.
+
+    Give either `noise` ((N, *x.shape), as `purify` takes it) or a torchsde `bm` on tau in
+    [1 - t*, 1 - t_end].  t_end = 0 is purify's grid.  With adjoint=True (needs t_end > 0, e.g.
+    T_END) gradients come from torchsde's stochastic adjoint, lam H included; adjoint_params=None uses
+    every parameter of the models that requires grad (DiffPure's configuration), () freezes them.
+    """
+    grid = setting.grid
+    if adjoint and not t_end > 0:
+        raise ValueError(f"t_end: the continuous adjoint evaluates the drift at the end time first and epsilon-model "
+                         f"scores diverge at t = 0; pass t_end > 0 (the official code's is {T_END}), got {t_end!r}")
+    # torchsde steps with next = min(current + step, end): a step a hair longer than (t* - t_end)/N makes
+    # float round-off end the N-th step at `end` instead of leaving a spurious (N+1)-th of ~1e-16.
+    step = (grid.t_star - t_end) / grid.n_steps * (1 + 1e-10)
+    if bm is None:
+        bm = GridBrownian(torchsde_times(grid.t_star, t_end, step), noise.to(x.dtype))
+    sde = ReverseVPSDE(score_model, classifier, setting.lam, x.shape)
+    return _integrate(sde, x, (1.0 - grid.t_star, 1.0 - t_end, step), bm, adjoint, adjoint_params, adjoint_method)
+
+
+def solve_published(x, score_model, classifier, setting: Setting, *, noise=None, bm=None, seed: int = 0,
+                    adjoint: bool = True, adjoint_params=()):
+    """The official COUP / DiffPure attack's solve from state x in [-1, 1] (module docstring).
+
+    torchsde Euler with dt = h = t*/N (1e-3 in the paper) on ts = [1 - t*, 1 - 1e-5], guidance detached.
+    Noise: a torchsde `bm`, or `noise` ((N, *x.shape) increments on that grid, the last step's over
+    h - 1e-5), or else a BrownianInterval with entropy `seed`, as the official code draws it.
+    adjoint_params=(): the gradient is taken with respect to x only.  The official code also carries the
+    networks' parameters as adjoint states; that adds to the cost, not to the input gradient (torchsde
+    takes the state's part of each vector-Jacobian product on its own).
+    """
+    grid = setting.grid
+    if bm is None and noise is not None:
+        bm = GridBrownian(torchsde_times(grid.t_star, T_END, grid.h), noise.to(x.dtype))
+    elif bm is None:
+        bm = brownian_interval(x, grid.t_star, seed=seed, t_end=T_END)
+    sde = ReverseVPSDE(score_model, classifier, setting.lam, x.shape, detach_guidance=True)
+    with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
+        return _integrate(sde, x, (1.0 - grid.t_star, 1.0 - T_END, grid.h), bm, adjoint and torch.is_grad_enabled(),
+                          adjoint_params, "euler")
+
+
+def _start_state(x, setting: Setting, eps):
+    """Image -> state, then DiffPure's forward diffusion with the draw eps (mode 'diffpure' only)."""
+    state = image_to_state(x)
+    if setting.mode == "diffpure":
+        state = diffuse(state, setting.grid.t_star, eps.to(x.dtype), setting.diffusion)
+    return state
+
+
+def purify_torchsde(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
+                    noise=None, bm=None, t_end=0.0, adjoint=False, adjoint_params=None):
+    """`purify` through torchsde: images in [0, 1] -> purified images in [0, 1] (see `solve_torchsde`).
 
     For mode='diffpure', `noise` carries the forward-diffusion draw first (as in `purify`);
     with `bm`, pass the diffusion draw as noise of shape (1, *x.shape).
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient="exact",
-                       noise=None)
-    state = image_to_state(x)
-    step_noise = noise
-    if mode == "diffpure":
-        state = diffuse(state, setting.grid.t_star, noise[0].to(x.dtype))
-        step_noise = noise[1:] if bm is None else None
-    out = solve_torchsde(state, score_model, classifier, setting, step_noise, bm=bm, adjoint=adjoint,
+                       noise=None, diffusion=diffusion)
+    state = _start_state(x, setting, noise[0] if mode == "diffpure" else None)
+    step_noise = noise[1:] if mode == "diffpure" and bm is None else (None if mode == "diffpure" else noise)
+    out = solve_torchsde(state, score_model, classifier, setting, step_noise, bm=bm, t_end=t_end, adjoint=adjoint,
                          adjoint_params=adjoint_params)
     return state_to_image(out).clamp(0.0, 1.0)
 
 
-def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", noise=None, seed=0,
-                    gradient="exact"):
+def purify_published(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
+                     noise=None, bm=None, seed: int = 0, adjoint_params=()):
+    """The official COUP / DiffPure pipeline on images in [0, 1], differentiable by the published
+    attack's adjoint (`solve_published`).  For mode='diffpure', `noise` carries the diffusion draw
+    first; with `bm`, pass it as noise of shape (1, *x.shape)."""
+    setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient="adjoint",
+                       noise=None, diffusion=diffusion)
+    state = _start_state(x, setting, noise[0] if mode == "diffpure" else None)
+    step_noise = noise[1:] if mode == "diffpure" and bm is None else (None if mode == "diffpure" else noise)
+    out = solve_published(state, score_model, classifier, setting, noise=step_noise, bm=bm, seed=seed,
+                          adjoint_params=adjoint_params)
+    return state_to_image(out).clamp(0.0, 1.0)
+
+
+def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
+                    noise=None, seed=0, gradient="exact"):
     """`purify` with plain autograd through every step (all graphs kept): the gradient reference.
 
     Pure-torch noise (coup_fast.noise.philox_normal of `seed`) when `noise` is None.
     gradient='detached-guidance' treats the guidance as a constant, as the paper's code does.
     """
     setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
-                       noise=noise)
+                       noise=noise, diffusion=diffusion)
     if noise is None:
         # purify's counters: steps k = 0..N-1, DiffPure's forward draw N (it comes first in `noise`)
         n = setting.grid.n_steps
@@ -171,9 +250,7 @@ def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3,
         draws = [philox_normal(seed, k, x.shape, dtype=x.dtype, device=x.device) for k in counters]
         noise = torch.stack(draws)
     source = Noise(x, setting, noise)
-    state = image_to_state(x)
-    if mode == "diffpure":
-        state = diffuse(state, setting.grid.t_star, source.diffusion_eps(state))
+    state = _start_state(x, setting, source.diffusion_eps(x) if mode == "diffpure" else None)
     # Without create_graph the guidance is computed off the tape: a constant to autograd.
     out = solve(state, score_model, classifier, setting, source, create_graph=gradient != "detached-guidance")
     return state_to_image(out).clamp(0.0, 1.0)

@@ -42,9 +42,47 @@ def vp_gamma(t):
     return -vp_log_alpha(t)
 
 
-def diffuse(x0: torch.Tensor, t: float, eps: torch.Tensor) -> torch.Tensor:
-    """Sample the forward VP marginal at time t: alpha(t) x0 + sigma(t) eps (DiffPure's first stage)."""
-    return vp_alpha(t) * x0 + vp_sigma(t) * eps
+# DiffPure's forward diffusion (its runners/diffpure_sde.py) uses the discrete DDPM schedule of Ho et al.
+# (2020), betas = linspace(beta_min / 1000, beta_max / 1000, 1000) = linspace(1e-4, 0.02, 1000),
+# alpha_bar = cumprod(1 - betas), and diffuses to index 1000 t* - 1:
+#     x = sqrt(alpha_bar[1000 t* - 1]) x0 + sqrt(1 - alpha_bar[1000 t* - 1]) eps.
+# At t* = 0.1 that is mean scale 0.947110 / noise std 0.320908, against the continuous VP marginal's
+# alpha(0.1) = 0.946722 / sigma(0.1) = 0.322053.  The reverse SDE itself is continuous in both.
+DDPM_STEPS = 1000
+DIFFUSION_SCHEDULES = ("ddpm", "vp")  # DiffPure's discrete marginal, or the continuous alpha(t), sigma(t)
+
+
+def ddpm_alpha_bar(n_steps: int = DDPM_STEPS) -> torch.Tensor:
+    """alpha_bar_i = prod_{j <= i} (1 - beta_j), betas = linspace(beta_min/n, beta_max/n, n); float64 (n,)."""
+    betas = torch.linspace(BETA_MIN / n_steps, BETA_MAX / n_steps, n_steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddpm_index(t: float, n_steps: int = DDPM_STEPS) -> int:
+    """The DDPM step count n_steps * t (DiffPure's `t`); t must sit on the 1/n_steps grid."""
+    index = round(t * n_steps)
+    if not 1 <= index <= n_steps or abs(index - t * n_steps) > 1e-6 * n_steps:
+        raise ValueError(f"t_star: DiffPure's discrete schedule needs t* on the 1/{n_steps} grid in (0, 1], got {t!r} "
+                         "(or use the continuous marginal, diffusion='vp')")
+    return index
+
+
+def diffusion_marginal(t: float, schedule: str = "ddpm") -> tuple[float, float]:
+    """(mean scale, noise std) of the forward marginal at time t: 'ddpm' (DiffPure's discrete schedule,
+    alpha_bar at index 1000 t - 1) or 'vp' (the continuous alpha(t), sigma(t))."""
+    if schedule == "vp":
+        return vp_alpha(t), vp_sigma(t)
+    if schedule != "ddpm":
+        raise ValueError(f"diffusion: expected one of {DIFFUSION_SCHEDULES}, got {schedule!r}")
+    alpha_bar = float(ddpm_alpha_bar()[ddpm_index(t) - 1])
+    return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+
+
+def diffuse(x0: torch.Tensor, t: float, eps: torch.Tensor, schedule: str = "ddpm") -> torch.Tensor:
+    """Sample the forward marginal at time t, scale x0 + std eps (DiffPure's first stage; see
+    `diffusion_marginal` for the two schedules)."""
+    scale, std = diffusion_marginal(t, schedule)
+    return scale * x0 + std * eps
 
 
 @dataclass(frozen=True)

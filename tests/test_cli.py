@@ -24,6 +24,8 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
                               classifier_ckpt=str(tmp_path / "c.pt")))
     assert (cfg.n_images, cfg.t_star_linf, cfg.t_star_l2, cfg.lam, cfg.dt) == (512, 0.1, 0.075, 1.0, 1e-3)
     assert cfg.eps_linf == pytest.approx(8 / 255) and cfg.eps_l2 == 0.5 and cfg.eot == 20
+    # DiffPure's image subset, and the published attack beside the exact one
+    assert cfg.subset == "paper" and {"coup", "coup@adjoint", "diffpure", "diffpure@adjoint"} <= set(cfg.defenses)
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -122,3 +124,66 @@ def test_config_files_toml_and_yaml_with_flag_override(tmp_path):
 def test_paper_subcommand_is_optional():
     parser = build_parser()
     assert parser.parse_args(["eval"]).command == "eval"
+
+
+def _synthetic_cifar(root, n=10000, n_classes=10, name="cifar-10-batches-py", member="test_batch", label_key=b"labels"):
+    """A CIFAR python-version test file of the real structure (random pixels)."""
+    import pickle
+
+    import numpy as np
+
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batch = {b"batch_label": b"testing batch 1 of 1", label_key: rng.integers(0, n_classes, n).tolist(),
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+    (d / member).write_bytes(pickle.dumps(batch, protocol=4))  # raw bytes (protocol 2 from Python 3 inflates them)
+    return str(root)
+
+
+@pytest.mark.slow
+def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, capsys):
+    # The paper's CIFAR-10 protocol with full-size random NCSN++ deep and WRN-28-10 checkpoints, on the CPU:
+    # every file is loaded strictly, a few steps of each kind are measured, the plan printed, nothing run.
+    from safetensors.torch import save_file
+
+    from coup_fast.models.ncsnpp import NCSNpp, ncsnpp_cifar10_deep
+    from coup_fast.models.wideresnet import WideResNet
+
+    torch.manual_seed(0)
+    save_file(NCSNpp(ncsnpp_cifar10_deep()).state_dict(), str(tmp_path / "score.safetensors"))
+    torch.save({f"module.{k}": v for k, v in WideResNet(28, 10).state_dict().items()}, tmp_path / "wrn.pt")
+    cifar = _synthetic_cifar(tmp_path / "data")
+    out = tmp_path / "o"
+    argv = ["eval", "--data", "cifar10", "--cifar-dir", cifar, "--score-ckpt", str(tmp_path / "score.safetensors"),
+            "--classifier-ckpt", str(tmp_path / "wrn.pt"), "--device", "cpu", "--out", str(out), "--dry-run",
+            "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "512 images of shape (3, 32, 32)" in text and "Nothing was run" in text and "H200" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "defense" not in line]
+    # every defense x threat x (clean + attacks) of the preset has a row with a finite time
+    assert len(rows) == 6 * 2 * 4 and not any("nan" in r for r in rows)
+    # APGD-CE: 101 gradients per image (the start point and 100 iterations), R = 4 evaluations
+    assert any(r.startswith("| coup | Linf | apgd-ce | 100 | 4 | 101 |") for r in rows)
+    assert any(r.startswith("| coup | L2 | apgd-ce | 75 |") for r in rows)
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_cifar100_preset_is_sec_5_2_1(tmp_path):
+    for name in ("cifar", "s.pth", "c.pt"):
+        (tmp_path / name).write_text("")
+    cfg = validate(EvalConfig(data="cifar100", cifar_dir=str(tmp_path / "cifar"), score_ckpt=str(tmp_path / "s.pth"),
+                              classifier_ckpt=str(tmp_path / "c.pt")))
+    assert cfg.attacks == ["apgd-ce"] and cfg.threats == ["Linf"] and cfg.eps_linf == pytest.approx(8 / 255)
+    assert (cfg.n_images, cfg.subset, cfg.t_star_linf, cfg.lam, cfg.dt) == (512, "paper", 0.1, 1.0, 1e-3)
+    assert "coup@adjoint" in cfg.defenses and "coup" in cfg.defenses
+
+
+def test_every_eval_flag_has_help():
+    import argparse
+
+    parser = build_parser()
+    eval_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    missing = [a.option_strings for a in eval_parser._actions if a.option_strings and not a.help]
+    assert not missing

@@ -290,3 +290,31 @@ def test_unrolled_reference_uses_purifys_noise_counters(analytic):
         got = purify(x, *analytic, t_star=0.02, mode=mode, generator=torch.Generator().manual_seed(5))
         ref = purify_unrolled(x, *analytic, t_star=0.02, mode=mode, seed=seed)
         assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("diffusion", ["ddpm", "vp"])
+def test_diffpure_diffuses_with_the_chosen_marginal(diffusion):
+    # One step (t* = dt = 0.001), a zero score, no step noise: the output is the diffused state after one
+    # drift step, x_d (1 + beta h / 2), with x_d from DiffPure's discrete schedule (written out with numpy)
+    # or from the continuous VP marginal.
+    zero_score = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    u = torch.rand(3, 6, dtype=torch.float64)
+    eps = torch.randn(3, 6, dtype=torch.float64)
+    noise = torch.stack([eps, torch.zeros_like(eps)])
+    out = purify(u, zero_score, None, mode="diffpure", t_star=1e-3, dt=1e-3, noise=noise, diffusion=diffusion)
+    if diffusion == "ddpm":
+        a0 = 1.0 - 0.1 / 1000  # alpha_bar[0] = 1 - beta_0
+        scale, std = math.sqrt(a0), math.sqrt(1.0 - a0)
+    else:
+        scale, std = coup_fast.sde.vp_alpha(1e-3), coup_fast.sde.vp_sigma(1e-3)
+    x_d = scale * (2 * u - 1) + std * eps
+    expected = ((x_d * (1 + 0.5 * ReverseGrid.from_dt(1e-3, 1e-3).beta_dt(0)) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_diffusion_schedule_is_validated(analytic):
+    with pytest.raises(ValueError, match="^diffusion:"):
+        purify(_x(), *analytic, mode="diffpure", diffusion="cosine")
+    with pytest.raises(ValueError, match="^t_star:.*1/1000"):  # DiffPure's schedule has 1000 discrete steps
+        purify(_x(), *analytic, mode="diffpure", t_star=0.0333, dt=0.0333 / 10)
+    purify(_x(), *analytic, mode="diffpure", t_star=0.0333, dt=0.0333 / 10, diffusion="vp")  # continuous: any t*

@@ -37,6 +37,24 @@ def test_euler_maruyama_step_formula():
 
 def test_diffuse_matches_the_vp_marginal():
     x0 = torch.full((200_000,), 0.4, dtype=torch.float64)
-    xt = sde.diffuse(x0, 0.3, torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    eps = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    xt = sde.diffuse(x0, 0.3, eps, "vp")
     assert xt.mean().item() == pytest.approx(0.4 * sde.vp_alpha(0.3), abs=5 * sde.vp_sigma(0.3) / 447)
     assert xt.std().item() == pytest.approx(sde.vp_sigma(0.3), rel=0.01)
+
+
+def test_ddpm_schedule_is_diffpures_discrete_one():
+    # DiffPure: betas = linspace(0.1/1000, 20/1000, 1000), a = cumprod(1 - betas), x = x0 sqrt(a[t-1]) + e sqrt(1 - a[t-1])
+    # with t = 1000 t*; written out with numpy, independently of sde.py
+    np = pytest.importorskip("numpy")
+    a = np.cumprod(1.0 - np.linspace(0.1 / 1000, 20 / 1000, 1000))
+    for t_star in (0.1, 0.075, 0.001, 1.0):
+        scale, std = sde.diffusion_marginal(t_star, "ddpm")
+        k = round(1000 * t_star) - 1
+        assert scale == pytest.approx(math.sqrt(a[k]), rel=1e-12) and std == pytest.approx(math.sqrt(1 - a[k]), rel=1e-12)
+    assert sde.diffusion_marginal(0.1, "ddpm") == pytest.approx((0.947110, 0.320908), abs=1e-6)
+    assert sde.diffusion_marginal(0.1, "vp") == pytest.approx((0.946722, 0.322053), abs=1e-6)
+    x0, eps = torch.tensor([0.5]), torch.tensor([-1.0])
+    assert sde.diffuse(x0, 0.1, eps).item() == pytest.approx(0.5 * math.sqrt(a[99]) - math.sqrt(1 - a[99]), rel=1e-6)
+    with pytest.raises(ValueError, match="^t_star:"):
+        sde.ddpm_index(0.0333)
