@@ -30,6 +30,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import _harness as H
+from coup_fast import purify
+from coup_fast.networks import drift_terms  # internal: one step's network calls (the networks' floor)
+from coup_fast.reference import T_END, brownian_interval, purify_unrolled, solve_published, solve_torchsde
+from coup_fast.sde import ReverseGrid
+from coup_fast.solver import PurifyConfig
 
 METHODS = ("purify", "purify-compiled", "torchsde", "networks", "convolutions", "exact", "exact-fast", "exact-compiled",
            "exact-compiled-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
@@ -62,16 +67,13 @@ def _models(kind: str = "digits"):
 
 def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
     """(setup description, fn) for one measured call."""
-    from coup_fast import purify
-    from coup_fast.purify import validate
-    from coup_fast.reference import T_END, brownian_interval, purify_unrolled, solve_published, solve_torchsde
 
     score, clf, source = _models(models)
     g = torch.Generator().manual_seed(0)
     shape = (batch, 64) if models == "analytic" else (batch, 1, 8, 8)
     x, w = torch.rand(shape, generator=g), torch.randn(shape, generator=g)
     kw = dict(t_star=t_star, lam=LAM, mode="coup")
-    setting = validate(x, score, clf, dt=1e-3, gradient="exact", noise=None, **kw)
+    setting = PurifyConfig(ReverseGrid.from_dt(t_star, 1e-3), LAM, "coup")
 
     def torchsde_run(adjoint, adjoint_params=None):  # sdeint, or the published attack's sdeint_adjoint
         state = (2 * x - 1).requires_grad_(adjoint)
@@ -88,16 +90,12 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
             with torch.no_grad():
                 return purify(x, score, clf, engine=engine, **kw)
     elif method == "networks":  # the eager networks' calls of a guided solve and nothing else
-        from coup_fast.purify import drift_terms
-
         def fn():
             with torch.no_grad():
                 state = 2 * x - 1
                 for k in range(setting.grid.n_steps):
                     drift_terms(state, setting.grid.t(k), score, clf, LAM)
     elif method == "convolutions":  # only the convolution kernels of those calls, replayed
-        from coup_fast.purify import drift_terms
-
         with torch.no_grad():  # as in "networks" (the guidance turns grad on for its backward)
             calls = _recorded_convolutions(lambda: drift_terms(2 * x - 1, setting.grid.t(0), score, clf, LAM))
 

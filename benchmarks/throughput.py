@@ -35,13 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a scrip
 import _harness  # noqa: E402
 
 import coup_fast
-from coup_fast import graphs
+from coup_fast import clear_caches, purify
+from coup_fast.networks import adjoint_vjp, drift_terms  # internal: one step's network calls (FLOPs, warm-up)
 from coup_fast.noise import draw_seed, philox_normal
 from coup_fast.precision import Precision, precision_context, prepare
-from coup_fast.purify import adjoint_vjp, drift_terms, purify
 from coup_fast.reference import brownian_interval, purify_published, purify_torchsde
 from coup_fast.score import score_sde_continuous
 from coup_fast.sde import ReverseGrid
+from coup_fast.solver import PurifyConfig
 
 ARCHES = ("digits", "cifar", "cifar-small")
 ENGINES = ("torchsde", "eager", "graph", "compile")
@@ -52,7 +53,7 @@ KNOBS = {  # name -> Precision
     "bf16": Precision("bf16"),
     "fp32+cl": Precision("fp32", channels_last=True),
     "bf16+cl": Precision("bf16", channels_last=True),
-    "bf16+compile": Precision("bf16", compile=True),
+    "bf16+compile": Precision("bf16", compile_networks=True),
 }
 GPU_BATCHES, CPU_BATCHES, QUICK_BATCHES = (1, 8, 64, 512), (1, 8, 32), (1, 4)
 GPU_KNOBS, CPU_KNOBS, QUICK_KNOBS = ("fp32", "tf32", "bf16", "bf16+cl"), ("fp32", "bf16", "fp32+cl"), ("fp32", "bf16")
@@ -238,7 +239,7 @@ def providers(args, score, clf, device):
                 return purify(x, s, c, generator=gen, engine=engine, **kw)
 
             # no double backward through compiled nets; engine='compile' differentiates inside the compiled step
-            with_grad = not (prec.compile and args.lam > 0)
+            with_grad = not (prec.compile_networks and args.lam > 0)
             rows.append((engine, knob, _no_grad(run), _grad(run, None) if with_grad else None, prec))
     return rows
 
@@ -325,9 +326,7 @@ def _rate(batch, seconds):
 def run_benchmark(args) -> dict:
     device = args.device
     score, clf, shape, models_desc = load_models(args, device)
-    from coup_fast.purify import Setting
-
-    setting = Setting(ReverseGrid.from_dt(args.t_star, args.dt), args.lam, "coup")
+    setting = PurifyConfig(ReverseGrid.from_dt(args.t_star, args.dt), args.lam, "coup")
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)")
     peak = device_peak(name) if device.type == "cuda" else None
@@ -358,7 +357,7 @@ def run_benchmark(args) -> dict:
                                         ("gradient", gradient_fn, flops["gradient_per_image"])):
                 if fn is None:
                     continue
-                graphs.clear_cache()
+                clear_caches()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 call = (lambda fn=fn: fn(x, gen, None)) if what == "purify" else (lambda fn=fn: fn(x, v, gen, None))
@@ -368,7 +367,7 @@ def run_benchmark(args) -> dict:
                                     reuse_warmup=engine not in ("graph", "compile"))  # their warm-up captures/compiles
                 except torch.cuda.OutOfMemoryError:
                     row[what] = {"per_s": None, "notes": ["out of memory"]}
-                    graphs.clear_cache()
+                    clear_caches()
                     torch.cuda.empty_cache()
                     continue
                 rate = _rate(batch, m["seconds"])
@@ -378,7 +377,7 @@ def run_benchmark(args) -> dict:
             report["results"].append(row)
             print(_format_row(row), flush=True)
     report["errors"] = knob_errors(args, rows, shape, setting, device)
-    graphs.clear_cache()
+    clear_caches()
     return report
 
 

@@ -16,6 +16,15 @@ import pickle
 import re
 import threading
 
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+try:  # the numpy-scalar constructor: numpy 2 names it numpy._core, numpy < 1.26 only numpy.core
+    from numpy._core.multiarray import scalar
+except ImportError:
+    from numpy.core.multiarray import scalar
+
 __all__ = ["atomic_write", "atomic_write_text", "load_weights_file", "numpy_scalar_globals",
            "load_state_dict_strict", "strip_module_prefix"]
 
@@ -53,12 +62,6 @@ def numpy_scalar_globals() -> list:
     numpy 2 keeps ``numpy.core.multiarray.scalar`` importable, as the same function, precisely
     so that old pickles load; the unpickler here never imports it, it maps the name.
     """
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 1.26 has no numpy._core
-        from numpy.core.multiarray import scalar
     numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128)
     dtype_classes = [type(np.dtype(t)) for t in numeric]
@@ -120,11 +123,8 @@ def load_weights_file(path):
             own advice, weights_only=False, would run the file's code), or it is not a
             checkpoint at all / is corrupt or truncated.
     """
-    import torch
-
     path = os.fspath(path)
     if _sniff(path) == "safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error type for bad headers
@@ -168,8 +168,6 @@ def load_state_dict_strict(model, state_dict: dict, source, arch: str):
     Raises ValueError naming `source` and `arch`, the first missing / unexpected keys, or the
     first tensor whose shape differs.
     """
-    import torch
-
     not_tensors = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if not_tensors:
         raise ValueError(f"{source}: not a {arch} state dict: {not_tensors[0]!r} holds a "

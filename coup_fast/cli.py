@@ -19,10 +19,15 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
+import torch
+
+from . import data, plan
 from .attacks import ATTACKS, NORMS, AttackSettings
-from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense
-from .graphs import ENGINES
-from .sde import DIFFUSION_SCHEDULES
+from .engines import CHOICES as ENGINES
+from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense, build_defense, evaluate
+from .models import digits, ncsnpp, wideresnet
+from .paper.cli import register as register_paper
+from .sde import DIFFUSION_SCHEDULES, ReverseGrid
 
 DATASETS = ("digits", "cifar10", "cifar100")
 SUBSETS = ("paper", "seeded")  # coup_fast.data.load_cifar's subsets: DiffPure's numpy choice, or a torch permutation
@@ -209,8 +214,6 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError("seed", f"expected an integer, got {cfg.seed!r}")
     if cfg.device != "auto":
-        import torch
-
         try:
             device = torch.device(cfg.device)
         except RuntimeError:
@@ -274,8 +277,6 @@ def read_config_file(path: str) -> dict:
 # ----------------------------------------------------------------------------------------------- building
 
 def _device(cfg):
-    import torch
-
     if cfg.device != "auto":
         return torch.device(cfg.device)
     if torch.cuda.is_available():
@@ -285,8 +286,6 @@ def _device(cfg):
 
 def _local_cuda_index() -> int:
     """This process's GPU: torchrun's LOCAL_RANK (0 without torchrun)."""
-    import torch
-
     local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
     if local >= count:
         raise ConfigError("device", f"torchrun's local rank {local} has no GPU of its own: this node has {count} "
@@ -298,34 +297,27 @@ def _local_cuda_index() -> int:
 def load_everything(cfg: EvalConfig, device):
     """(score_model, classifier, x, y); checkpoint problems become ConfigErrors naming the field."""
     if cfg.data == "digits":
-        from .data import load_digits
-        from .models import load_digits_models
-
         try:
-            score_model, classifier = load_digits_models(device=device, weights_dir=cfg.weights_dir)
+            score_model, classifier = digits.load_digits_models(device=device, weights_dir=cfg.weights_dir)
         except Exception as e:
             raise ConfigError("weights_dir", f"cannot load the digits models from {cfg.weights_dir or 'the shipped weights'}: {e}") from None
         try:
-            x, y = load_digits("test", n=cfg.n_images, seed=cfg.seed)
+            x, y = data.load_digits("test", n=cfg.n_images, seed=cfg.seed)
         except ValueError as e:
             raise ConfigError("n_images", str(e).removeprefix("n_images: ")) from None
     else:
-        from .data import load_cifar
-        from .models.ncsnpp import load_ncsnpp
-        from .models.wideresnet import load_wideresnet
-
         try:
-            score_model = load_ncsnpp(cfg.score_ckpt, device=device)
+            score_model = ncsnpp.load_ncsnpp(cfg.score_ckpt, device=device)
         except Exception as e:
             raise ConfigError("score_ckpt", f"cannot load {cfg.score_ckpt!r} as the NCSN++ score model: {e}") from None
         try:
-            classifier = load_wideresnet(cfg.classifier_ckpt, cfg.wrn_depth, cfg.wrn_widen, device=device,
+            classifier = wideresnet.load_wideresnet(cfg.classifier_ckpt, cfg.wrn_depth, cfg.wrn_widen, device=device,
                                          layout=cfg.classifier_layout, num_classes=NUM_CLASSES[cfg.data])
         except Exception as e:
             raise ConfigError("classifier_ckpt", f"cannot load {cfg.classifier_ckpt!r} as a {NUM_CLASSES[cfg.data]}-class "
                                                  f"WideResNet-{cfg.wrn_depth}-{cfg.wrn_widen}: {e}") from None
         try:
-            x, y = load_cifar(cfg.cifar_dir, "test", n=cfg.n_images, seed=cfg.seed, dataset=cfg.data, subset=cfg.subset)
+            x, y = data.load_cifar(cfg.cifar_dir, "test", n=cfg.n_images, seed=cfg.seed, dataset=cfg.data, subset=cfg.subset)
         except Exception as e:
             raise ConfigError("cifar_dir", str(e)) from None
         if cfg.n_images > x.shape[0]:
@@ -339,8 +331,6 @@ def load_everything(cfg: EvalConfig, device):
 
 def check_shapes(cfg: EvalConfig, score_model, classifier, x):
     """One image through each network: the score has the image's shape, the logits one entry per class."""
-    import torch
-
     with torch.no_grad():
         probe = x[:1]
         logits = classifier(probe)
@@ -355,8 +345,6 @@ def check_shapes(cfg: EvalConfig, score_model, classifier, x):
 
 def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
     """{label: {threat: model}} and the specs they stand for (folded into the resume hash)."""
-    from .evaluate import build_defense
-
     t_star = {"Linf": cfg.t_star_linf, "L2": cfg.t_star_l2}
     models, specs = {}, {}
     for spec in cfg.defenses:
@@ -405,8 +393,6 @@ def config_from_args(args) -> EvalConfig:
 
 def _init_distributed(device) -> bool:
     """Join torchrun's process group: NCCL when this run computes on a GPU, gloo on the CPU."""
-    import torch
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device if device.index is not None else _local_cuda_index())
@@ -418,12 +404,8 @@ def _init_distributed(device) -> bool:
 def run_eval(args) -> int:
     cfg = validate(config_from_args(args))
     device = _device(cfg)
-    import torch
-
     torch.set_num_threads(cfg.threads)
     started = _init_distributed(device)
-    from .evaluate import evaluate
-
     try:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         t0 = time.perf_counter()
@@ -454,10 +436,6 @@ def run_eval(args) -> int:
 
 def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
     """The plan of the run `cfg` describes, with measured step times (coup_fast.plan): returned as text."""
-    import torch
-
-    from .plan import H200_CIFAR_STEP_SECONDS, attack_work, hours, estimate, measure_step_seconds
-    from .sde import ReverseGrid
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Two steps of the whole batch after a warm-up call, except for CIFAR-size networks on a CPU: one step
@@ -489,7 +467,7 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
                 guided = kw["mode"] == "coup" and kw["lam"] > 0
                 for kind in kinds:
                     if (guided, kind) not in measured:
-                        measured[guided, kind] = measure_step_seconds(model, xb, yb, [kind], steps, small)[kind]
+                        measured[guided, kind] = plan.measure_step_seconds(model, xb, yb, [kind], steps, small)[kind]
                 seconds = {kind: measured[guided, kind] for kind in kinds}
                 n_steps = ReverseGrid.from_dt(t_star[threat], cfg.dt).n_steps
             else:  # the bare classifier: one "step" is a classifier call
@@ -498,33 +476,31 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
                     measured["classifier"] = _classifier_seconds(model, xb, yb)
                 seconds = measured["classifier"]
             for attack in ["clean", *cfg.attacks]:
-                work = attack_work(attack, settings, cfg.n_eval if hasattr(model, "purify_kwargs") else 1)
-                here = estimate(work, x.shape[0], n_steps, seconds, gradient)
+                work = plan.attack_work(attack, settings, cfg.n_eval if hasattr(model, "purify_kwargs") else 1)
+                here = plan.estimate(work, x.shape[0], n_steps, seconds, gradient)
                 total += here
                 row = (f"| {label} | {threat} | {attack} | {n_steps} | {work.purifications:.0f} | {work.gradients:.0f} "
-                       f"| {hours(here)} |")
+                       f"| {plan.hours(here)} |")
                 if cifar and hasattr(model, "purify_kwargs"):
-                    h200 = estimate(work, x.shape[0], n_steps, H200_CIFAR_STEP_SECONDS, gradient)
+                    h200 = plan.estimate(work, x.shape[0], n_steps, plan.H200_CIFAR_STEP_SECONDS, gradient)
                     h200_total += h200
-                    row += f" {hours(h200)} |"
+                    row += f" {plan.hours(h200)} |"
                 elif cifar:  # a bare WRN-28-10 was not measured there, and costs little beside purification
                     row += " – |"
                 lines.append(row)
     n_tasks = len(models) * len(cfg.threats) * (1 + len(cfg.attacks)) * -(-x.shape[0] // cfg.batch_size)
-    lines += ["", f"Total on this device: {hours(total)} in one process; {n_tasks} (cell, batch) tasks, dealt "
-                  f"round-robin to torchrun's ranks: about {hours(total / world)} with the {world} rank(s) of this "
-                  f"launch, {hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
+    lines += ["", f"Total on this device: {plan.hours(total)} in one process; {n_tasks} (cell, batch) tasks, dealt "
+                  f"round-robin to torchrun's ranks: about {plan.hours(total / world)} with the {world} rank(s) of this "
+                  f"launch, {plan.hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
     if cifar:
         lines.append(f"On one H200 (README's measured rates for NCSN++ deep + WRN-28-10 at batch 64: graph engine, "
-                     f"TF32; the published adjoint in torchsde fp32): {hours(h200_total)}.")
+                     f"TF32; the published adjoint in torchsde fp32): {plan.hours(h200_total)}.")
     lines.append("Nothing was run: drop --dry-run to start (interrupted runs resume from --out).")
     return "\n".join(lines)
 
 
 def _classifier_seconds(classifier, x, y) -> dict:
     """Seconds per image of a classifier forward ('purify') and forward + input gradient ('exact')."""
-    import torch
-
     def grad():
         xr = x.detach().clone().requires_grad_(True)
         torch.autograd.grad(torch.nn.functional.cross_entropy(classifier(xr), y), xr)
@@ -543,12 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coup-fast", description="COUP purification: evaluation and paper runs")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
-    try:
-        from .paper.cli import register as register_paper
-    except ImportError:
-        register_paper = None
-    if register_paper is not None:
-        register_paper(sub)
+    register_paper(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ._files import atomic_write_text
 from .attacks import AttackSettings, DEFAULT_EPS, NORMS, run_attack
@@ -244,8 +245,6 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
     todo = [task for task in mine if root is None or not os.path.exists(path(*task))]
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="batch", dynamic_ncols=True,
                    desc=f"eval [{world} rank{'s' if world > 1 else ''}]")
     for cell, b in todo:

@@ -7,7 +7,7 @@ import torch
 def log_max_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log max_y softmax(l)_y = l_{y*} - logsumexp(l), per row; (B, C) -> (B,).
 
-    Its gradient with respect to the logits is e_{y*} - softmax(l) (DESIGN.md).
+    Its gradient with respect to the logits is e_{y*} - softmax(l) (docs/design.md §2).
     Pure-torch reference of the fused Triton op (coup_fast.kernels.confidence).
     """
     return logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)

@@ -63,6 +63,11 @@ def philox_normal(seed: int, step: int, shape, *, dtype=torch.float32, device=No
     return z.to(dtype).reshape(shape)
 
 
+def diffusion_counter(n_steps: int) -> int:
+    """The counter of DiffPure's forward-diffusion draw: after the N step draws k = 0 .. N-1 (docs/design.md §5)."""
+    return n_steps
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """A fresh seed from `generator` (or torch's global RNG, so torch.manual_seed reproduces runs)."""
     device = "cpu" if generator is None else generator.device  # a CUDA generator draws on its device

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .attacks import AA_VERSIONS, AttackSettings
+from .purify import PurifiedClassifier
 
 # Measured on one NVIDIA H200 (README, commit 3027351): NCSN++ deep + WRN-28-10 at batch 64, N = 10 steps,
 # graph engine with TF32 for purification and the exact gradient, torchsde fp32 for the published adjoint.
@@ -66,8 +67,6 @@ def attack_work(attack: str, settings: AttackSettings, n_eval: int) -> Work:
 def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, steps: int = 2, warmup: bool = True) -> dict:
     """Seconds per image and per step of each kind ('purify' or an attacker gradient) for a
     PurifiedClassifier, from `steps` steps at x's batch size (after one untimed warm-up call)."""
-    from .purify import PurifiedClassifier
-
     kwargs = dict(purified.purify_kwargs)
     dt = kwargs.get("dt", 1e-3)
     short = {**kwargs, "t_star": steps * dt}

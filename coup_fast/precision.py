@@ -5,8 +5,9 @@ Knobs (`Precision`):
 - compute='tf32': fp32 tensors, TF32 tensor-core matmuls/convs (10-bit mantissa products).
 - compute='bf16': the networks run under torch.autocast(bfloat16); their outputs are cast back to fp32.
 - channels_last: NHWC activations and weights (faster convs on tensor cores).
-- compile: torch.compile the networks (no double backward: exact gradients with lam > 0 need eager nets;
-  purify(engine='compile') compiles the whole step with torch.func instead, double backward included).
+- compile_networks: torch.compile the networks alone (no double backward: exact gradients with lam > 0
+  need eager nets).  Not engine='compile', which compiles the whole step with torch.func, double
+  backward included.
 
 TF32 is a global backend flag that cuDNN reads when a kernel runs, including the backward
 kernels autograd launches outside the network's forward, so wrap the whole purification
@@ -30,7 +31,7 @@ class Precision:
 
     compute: str = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile_networks: bool = False
 
     def __post_init__(self):
         if self.compute not in COMPUTE:
@@ -38,7 +39,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return "+".join([self.compute] + ["channels_last"] * self.channels_last + ["compile"] * self.compile)
+        return "+".join([self.compute] + ["channels_last"] * self.channels_last + ["compile"] * self.compile_networks)
 
 
 def backend_flags() -> tuple:
@@ -93,7 +94,7 @@ class PrecisionNet(nn.Module):
     def __init__(self, net, precision: Precision):
         super().__init__()
         self.net, self.precision = net, precision
-        self.run = torch.compile(net) if precision.compile else net
+        self.run = torch.compile(net) if precision.compile_networks else net
 
     def forward(self, x, *args):
         dtype = x.dtype

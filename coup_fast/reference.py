@@ -1,9 +1,8 @@
-"""Reference paths: the guided SDE through torchsde, the published attack, and plain autograd.
+"""Reference paths, the test oracles beside the solver: torchsde, the published attack, plain autograd.
 
-torchsde integrates forward in time, so the reverse-time SDE of Eq. 5 is written, as DiffPure's and
-COUP's official code write it, in torchsde's time tau = 1 - t, from tau = 1 - t* to 1 - t_end:
-
-    dy = beta(t) (y/2 + s_theta(y, t) + lam grad log max_y p) dtau + sqrt(beta(t)) dW_tau,   t = 1 - tau.
+The torchsde solvers themselves live in engines/torchsde.py (the published attack is also what
+purify(gradient='adjoint') runs); this module wraps them, and the unrolled loop, in the purification
+pipeline on images in [0, 1].  It never imports the public API (docs/design.md §4).
 
 - `purify_torchsde` / `solve_torchsde`: the same SDE through torchsde.  With method='euler' on purify's
   grid (t_end = 0) and the Brownian increments of the same path, `sdeint` reproduces `purify` step for
@@ -23,185 +22,45 @@ from __future__ import annotations
 import math
 
 import torch
-import torchsde
-from torch import nn
-from torchsde._brownian import BaseBrownian  # the interface sdeint expects of `bm`
 
-from .guidance import confidence_grad, image_to_state, state_to_image
-from .noise import philox_normal
-from .purify import Noise, Setting, batch_time, solve, validate
-from .sde import ReverseGrid, diffuse, vp_beta
+from .engines.torchsde import (T_END, GridBrownian, ReverseVPSDE, brownian_interval, solve_published,  # noqa: F401
+                               solve_torchsde, torchsde_times, uniform_step)
+from .networks import EagerNetworks
+from .sde import ReverseGrid
+from .solver import NoiseStream, PurifyConfig, pipeline, solve, unrolled_drift
 
-T_END = 1e-5  # the official code's reverse path ends at t = 1e-5: ts = [1 - t*, 1 - 1e-5] in torchsde's time
-
-
-class ReverseVPSDE(nn.Module):
-    """Eq. 5 as a torchsde SDE (Ito, diagonal noise) in torchsde's time tau = 1 - t (DiffPure's RevVPSDE).
-
-    States are flattened to (B, D) as torchsde requires; `shape` restores them for the networks.
-    detach_guidance=True computes the guidance on y.detach() (the published code): the adjoint then
-    sees it as a constant.  Otherwise the guidance is differentiable (create_graph) and the adjoint's
-    vector-Jacobian products include lam H.
-    """
-
-    noise_type = "diagonal"
-    sde_type = "ito"
-
-    def __init__(self, score_model, classifier, lam: float, shape, detach_guidance: bool = False):
-        super().__init__()
-        # Registered as submodules when they are modules, so sdeint_adjoint can see their parameters
-        # (DiffPure's cost: the score network's weights as adjoint parameters).
-        self.score_model, self.classifier = score_model, classifier
-        self.lam, self.shape, self.detach_guidance = float(lam), tuple(shape), detach_guidance
-
-    def f(self, tau, y):
-        t = 1.0 - float(tau)
-        x = y.reshape(self.shape)
-        drift = 0.5 * x + self.score_model(x, batch_time(x, t))
-        if self.lam > 0:
-            if self.detach_guidance:
-                guidance = confidence_grad(self.classifier, x.detach())
-            else:
-                guidance = confidence_grad(self.classifier, x, create_graph=y.requires_grad)
-            drift = drift + self.lam * guidance
-        return (vp_beta(t) * drift).reshape(y.shape)
-
-    def g(self, tau, y):
-        return torch.full_like(y, math.sqrt(vp_beta(1.0 - float(tau))))
-
-
-def torchsde_times(t_star: float, t_end: float, step: float) -> list[float]:
-    """The torchsde times tau_0 .. tau_N an Euler solve from 1 - t* to 1 - t_end visits with step `step`
-    (torchsde's rule: next = min(current + step, end), in float64)."""
-    tau, end = 1.0 - t_star, 1.0 - t_end
-    times = [tau]
-    while tau < end:
-        tau = min(tau + step, end)
-        times.append(tau)
-    return times
-
-
-class GridBrownian(BaseBrownian):
-    """A Brownian path given by its increments on a grid: W(tau_{k+1}) - W(tau_k) = sqrt(tau_{k+1} - tau_k) z_k.
-
-    Lets torchsde run on exactly the noise `purify` uses.  Queries are snapped to the nearest grid
-    time (the adjoint's own grid may sit a little off the forward one, as on the published grid).
-    """
-
-    def __init__(self, times, noise: torch.Tensor):
-        super().__init__()
-        n = noise.shape[0]
-        if len(times) != n + 1:
-            raise ValueError(f"noise: expected {len(times) - 1} draws for the {len(times) - 1} steps of the grid, got {n}")
-        steps = torch.tensor([b - a for a, b in zip(times[:-1], times[1:])], dtype=noise.dtype, device=noise.device)
-        inc = steps.sqrt().reshape(n, 1, 1) * noise.reshape(n, noise.shape[1], -1)
-        self._cum = torch.cat([torch.zeros_like(inc[:1]), inc.cumsum(0)])  # W at tau_0 .. tau_N
-        self._times = torch.tensor(times, dtype=torch.float64)
-
-    def _w(self, tau):
-        return self._cum[int((self._times - float(tau)).abs().argmin())]
-
-    def __call__(self, ta, tb=None, return_U=False, return_A=False):
-        return self._w(tb) - self._w(ta)
-
-    def __repr__(self):
-        return f"GridBrownian(steps={self._cum.shape[0] - 1})"
-
-    @property
-    def dtype(self):
-        return self._cum.dtype
-
-    @property
-    def device(self):
-        return self._cum.device
-
-    @property
-    def shape(self):
-        return self._cum.shape[1:]
-
-    @property
-    def levy_area_approximation(self):
-        return "none"
-
-
-def brownian_interval(x: torch.Tensor, t_star: float, *, seed: int = 0, t_end: float = 0.0) -> torchsde.BrownianInterval:
-    """A torchsde BrownianInterval on tau in [1 - t*, 1 - t_end] for states shaped like x (flattened per row)."""
-    return torchsde.BrownianInterval(t0=1.0 - float(t_star), t1=1.0 - float(t_end), size=(x.shape[0], x[0].numel()),
-                                     dtype=x.dtype, device=x.device, entropy=seed)
+__all__ = ["T_END", "GridBrownian", "ReverseVPSDE", "brownian_interval", "noise_from_brownian", "purify_published",
+           "purify_torchsde", "purify_unrolled", "solve_published", "solve_torchsde", "torchsde_times"]
 
 
 def noise_from_brownian(bm, x_shape, t_star: float, dt: float = 1e-3) -> torch.Tensor:
     """The (N, *x_shape) `noise` tensor z_k = (W(tau_{k+1}) - W(tau_k)) / sqrt(h) of a Brownian path on
     purify's grid (tau_k = 1 - t* + k h, h = t*/N)."""
-    times = torchsde_times(t_star, 0.0, ReverseGrid.from_dt(t_star, dt).h * (1 + 1e-10))
+    times = torchsde_times(t_star, 0.0, uniform_step(t_star, 0.0, ReverseGrid.from_dt(t_star, dt).n_steps))
     draws = [bm(a, b) / math.sqrt(b - a) for a, b in zip(times[:-1], times[1:])]
     return torch.stack(draws).reshape(len(draws), *x_shape)
 
 
-def _integrate(sde, x, times_args, bm, adjoint: bool, adjoint_params, adjoint_method: str):
-    tau0, tau1, step = times_args
-    # float64 times keep the solver on the grid where the Brownian increments were taken.
-    ts = torch.tensor([tau0, tau1], dtype=torch.float64, device=x.device)
-    y0 = x.reshape(x.shape[0], -1)
-    if adjoint:
-        extra = {} if adjoint_params is None else {"adjoint_params": tuple(adjoint_params)}
-        ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method="euler", adjoint_method=adjoint_method, dt=step,
-                                     **extra)
-    else:
-        ys = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=step)
-    return ys[-1].reshape(x.shape)
+def _config(t_star, lam, dt, mode, diffusion) -> PurifyConfig:
+    return PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), float(lam) if mode == "coup" else 0.0, mode,
+                        diffusion)
+
+class _Given:
+    """The draws of a reference call: DiffPure's diffusion draw given explicitly (noise[0]); the steps'
+    noise goes to torchsde as a path."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def diffusion_eps(self, like):
+        return self.noise[0].to(like.dtype)
 
 
-def solve_torchsde(x, score_model, classifier, setting: Setting, noise=None, *, bm=None, t_end: float = 0.0,
-                   adjoint=False, adjoint_params=None, adjoint_method="euler"):
-    """Solve Eq. 5 from state x (in [-1, 1]) with torchsde on N uniform steps from t* to t_end.
-
-    Give either `noise` ((N, *x.shape), as `purify` takes it) or a torchsde `bm` on tau in
-    [1 - t*, 1 - t_end].  t_end = 0 is purify's grid.  With adjoint=True (needs t_end > 0, e.g.
-    T_END) gradients come from torchsde's stochastic adjoint, lam H included; adjoint_params=None uses
-    every parameter of the models that requires grad (DiffPure's configuration), () freezes them.
-    """
-    grid = setting.grid
-    if adjoint and not t_end > 0:
-        raise ValueError(f"t_end: the continuous adjoint evaluates the drift at the end time first and epsilon-model "
-                         f"scores diverge at t = 0; pass t_end > 0 (the official code's is {T_END}), got {t_end!r}")
-    # torchsde steps with next = min(current + step, end): a step a hair longer than (t* - t_end)/N makes
-    # float round-off end the N-th step at `end` instead of leaving a spurious (N+1)-th of ~1e-16.
-    step = (grid.t_star - t_end) / grid.n_steps * (1 + 1e-10)
-    if bm is None:
-        bm = GridBrownian(torchsde_times(grid.t_star, t_end, step), noise.to(x.dtype))
-    sde = ReverseVPSDE(score_model, classifier, setting.lam, x.shape)
-    return _integrate(sde, x, (1.0 - grid.t_star, 1.0 - t_end, step), bm, adjoint, adjoint_params, adjoint_method)
-
-
-def solve_published(x, score_model, classifier, setting: Setting, *, noise=None, bm=None, seed: int = 0,
-                    adjoint: bool = True, adjoint_params=()):
-    """The official COUP / DiffPure attack's solve from state x in [-1, 1] (module docstring).
-
-    torchsde Euler with dt = h = t*/N (1e-3 in the paper) on ts = [1 - t*, 1 - 1e-5], guidance detached.
-    Noise: a torchsde `bm`, or `noise` ((N, *x.shape) increments on that grid, the last step's over
-    h - 1e-5), or else a BrownianInterval with entropy `seed`, as the official code draws it.
-    adjoint_params=(): the gradient is taken with respect to x only.  The official code also carries the
-    networks' parameters as adjoint states; that adds to the cost, not to the input gradient (torchsde
-    takes the state's part of each vector-Jacobian product on its own).
-    """
-    grid = setting.grid
-    if bm is None and noise is not None:
-        bm = GridBrownian(torchsde_times(grid.t_star, T_END, grid.h), noise.to(x.dtype))
-    elif bm is None:
-        bm = brownian_interval(x, grid.t_star, seed=seed, t_end=T_END)
-    sde = ReverseVPSDE(score_model, classifier, setting.lam, x.shape, detach_guidance=True)
-    with torch.set_grad_enabled(adjoint and torch.is_grad_enabled()):
-        return _integrate(sde, x, (1.0 - grid.t_star, 1.0 - T_END, grid.h), bm, adjoint and torch.is_grad_enabled(),
-                          adjoint_params, "euler")
-
-
-def _start_state(x, setting: Setting, eps):
-    """Image -> state, then DiffPure's forward diffusion with the draw eps (mode 'diffpure' only)."""
-    state = image_to_state(x)
-    if setting.mode == "diffpure":
-        state = diffuse(state, setting.grid.t_star, eps.to(x.dtype), setting.diffusion)
-    return state
+def _split_noise(noise, bm, mode):
+    """(the diffusion draw's holder, the steps' noise) of a reference call's `noise` argument."""
+    if mode != "diffpure":
+        return None, noise
+    return _Given(noise), (noise[1:] if bm is None else None)
 
 
 def purify_torchsde(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
@@ -211,13 +70,11 @@ def purify_torchsde(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3,
     For mode='diffpure', `noise` carries the forward-diffusion draw first (as in `purify`);
     with `bm`, pass the diffusion draw as noise of shape (1, *x.shape).
     """
-    setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient="exact",
-                       noise=None, diffusion=diffusion)
-    state = _start_state(x, setting, noise[0] if mode == "diffpure" else None)
-    step_noise = noise[1:] if mode == "diffpure" and bm is None else (None if mode == "diffpure" else noise)
-    out = solve_torchsde(state, score_model, classifier, setting, step_noise, bm=bm, t_end=t_end, adjoint=adjoint,
-                         adjoint_params=adjoint_params)
-    return state_to_image(out).clamp(0.0, 1.0)
+    config = _config(t_star, lam, dt, mode, diffusion)
+    draws, step_noise = _split_noise(noise, bm, mode)
+    return pipeline(x, config, draws, lambda state: solve_torchsde(
+        state, score_model, classifier, config, step_noise, bm=bm, t_end=t_end, adjoint=adjoint,
+        adjoint_params=adjoint_params))
 
 
 def purify_published(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
@@ -225,32 +82,22 @@ def purify_published(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3
     """The official COUP / DiffPure pipeline on images in [0, 1], differentiable by the published
     attack's adjoint (`solve_published`).  For mode='diffpure', `noise` carries the diffusion draw
     first; with `bm`, pass it as noise of shape (1, *x.shape)."""
-    setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient="adjoint",
-                       noise=None, diffusion=diffusion)
-    state = _start_state(x, setting, noise[0] if mode == "diffpure" else None)
-    step_noise = noise[1:] if mode == "diffpure" and bm is None else (None if mode == "diffpure" else noise)
-    out = solve_published(state, score_model, classifier, setting, noise=step_noise, bm=bm, seed=seed,
-                          adjoint_params=adjoint_params)
-    return state_to_image(out).clamp(0.0, 1.0)
+    config = _config(t_star, lam, dt, mode, diffusion)
+    draws, step_noise = _split_noise(noise, bm, mode)
+    return pipeline(x, config, draws, lambda state: solve_published(
+        state, score_model, classifier, config, noise=step_noise, bm=bm, seed=seed, adjoint_params=adjoint_params))
 
 
 def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
                     noise=None, seed=0, gradient="exact"):
     """`purify` with plain autograd through every step (all graphs kept): the gradient reference.
 
-    Pure-torch noise (coup_fast.noise.philox_normal of `seed`) when `noise` is None.
-    gradient='detached-guidance' treats the guidance as a constant, as the paper's code does.
+    Pure-torch noise (the Philox recipe of coup_fast.noise for `seed`, purify's counters) when `noise`
+    is None.  gradient='detached-guidance' treats the guidance as a constant, as the paper's code does.
     """
-    setting = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
-                       noise=noise, diffusion=diffusion)
+    config = _config(t_star, lam, dt, mode, diffusion)
     if noise is None:
-        # purify's counters: steps k = 0..N-1, DiffPure's forward draw N (it comes first in `noise`)
-        n = setting.grid.n_steps
-        counters = ([n] if mode == "diffpure" else []) + list(range(n))
-        draws = [philox_normal(seed, k, x.shape, dtype=x.dtype, device=x.device) for k in counters]
-        noise = torch.stack(draws)
-    source = Noise(x, setting, noise)
-    state = _start_state(x, setting, source.diffusion_eps(x) if mode == "diffpure" else None)
-    # Without create_graph the guidance is computed off the tape: a constant to autograd.
-    out = solve(state, score_model, classifier, setting, source, create_graph=gradient != "detached-guidance")
-    return state_to_image(out).clamp(0.0, 1.0)
+        noise = NoiseStream(x, config, seed=seed).as_tensor(x)
+    stream = NoiseStream(x, config, noise)
+    drift = unrolled_drift(EagerNetworks(score_model, classifier), config.lam, gradient == "detached-guidance")
+    return pipeline(x, config, stream, lambda state: solve(state, config, stream, drift))

@@ -1,6 +1,6 @@
 """The VP-SDE and the guided reverse step: the maths every backend agrees on.
 
-Conventions (see DESIGN.md): diffusion state x = 2u - 1 in [-1, 1], time t in [0, 1],
+Conventions (docs/design.md §1): diffusion state x = 2u - 1 in [-1, 1], time t in [0, 1],
 linear beta(t) = beta_min + t (beta_max - beta_min).  Purification integrates the
 reverse-time SDE of Eq. 5 of the paper (arXiv 2408.05900) from t* down to 0.
 """
@@ -129,7 +129,7 @@ def euler_maruyama_step(x, score, guidance, beta_dt: float, lam: float, z):
 
 
 def adjoint_step(a, vjp, beta_dt: float):
-    """One step of the discrete adjoint (DESIGN.md), the reference formula:
+    """One step of the discrete adjoint (docs/design.md §3), the reference formula:
 
         a_k = a_{k+1} + beta_k h (a_{k+1} / 2 + J_s^T a_{k+1} + lam H a_{k+1})
 

@@ -5,7 +5,7 @@
 - Classifier: :class:`~coup_fast.models.digits.DigitsClassifier`, cross-entropy, AdamW,
   on the fixed 1497-image train split of sklearn's digits (``coup_fast.data.load_digits``).
 - Score model: :class:`~coup_fast.models.digits.DigitsEpsNet`, denoising score matching
-  on the VP-SDE (beta_min = 0.1, beta_max = 20, DESIGN.md):  x0 = 2u - 1 in [-1, 1],
+  on the VP-SDE (beta_min = 0.1, beta_max = 20, docs/design.md §1):  x0 = 2u - 1 in [-1, 1],
   x_t = alpha(t) x0 + sigma(t) eps,  loss = mean ||eps_hat(x_t, 999 t) - eps||^2.
   Purification only visits t <= t* (0.1 in the paper), so half of each batch draws
   t ~ U(1e-3, 0.2) and half t ~ U(1e-3, 1).  The saved weights are an EMA of the iterates.
@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ._files import atomic_write, atomic_write_text
@@ -239,8 +240,6 @@ def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int =
     the same command after an interruption and it resumes (``restart=True`` starts over).
     The final files are written atomically and the checkpoints removed.
     """
-    from safetensors.torch import load_file, save_file
-
     for name, value in (("steps", steps), ("clf_steps", clf_steps), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 0 steps would save untrained weights
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")

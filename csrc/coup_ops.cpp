@@ -103,13 +103,13 @@ at::Tensor adjoint_update_cpu(const at::Tensor& a, const at::Tensor& vjp, double
   return out;
 }
 
-TORCH_LIBRARY(coup_fast, m) {
+TORCH_LIBRARY(coup_fast_ext, m) {
   m.def("em_step(Tensor x, Tensor score, Tensor? guidance, Tensor rng, float beta_dt, float lam) -> Tensor");
   m.def("philox_normal(Tensor x, Tensor rng) -> Tensor");
   m.def("adjoint_update(Tensor a, Tensor vjp, float beta_dt) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(coup_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(coup_fast_ext, CPU, m) {
   m.impl("em_step", &em_step_cpu);
   m.impl("philox_normal", &philox_normal_cpu);
   m.impl("adjoint_update", &adjoint_update_cpu);

@@ -1,14 +1,14 @@
-"""engine='compile' (coup_fast.compiled: torch.compile'd torch.func step functions) against the
+"""engine='compile' (coup_fast.engines.compiled: torch.compile'd torch.func step functions) against the
 unrolled autograd reference, in float64 on the tiny neural models.
 
 Each compiled function costs seconds to build on a CPU, so the tests share one problem (same
-shapes, dtype, lam) and the module-level cache of coup_fast.compiled.
+shapes, dtype, lam) and the compile engine's cache of compiled networks.
 """
 import pytest
 import torch
 
 from coup_fast import purify
-from coup_fast.compiled import compiled_networks
+from coup_fast.engines.compiled import ENGINE as COMPILE_ENGINE
 from coup_fast.reference import purify_unrolled
 from problems import neural_problem, out_and_grad, step_noise
 
@@ -43,7 +43,7 @@ def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memor
 @pytest.mark.parametrize("memory", ["lean", "fast"])
 def test_compiled_engine_new_batch_size_is_exact(problem, memory):
     """An attack's ragged last batch: a second batch size after the first.  With symbolic sizes,
-    torch 2.11 and 2.12 could not trace the Hessian products (compiled._compile)."""
+    torch 2.11 and 2.12 could not trace the Hessian products (engines.compiled._compile)."""
     score, clf, x, upstream = problem
     for batch in (3, 1):  # the module's other tests use batch 2
         xb = torch.cat([x, 1 - x])[:batch]
@@ -62,7 +62,7 @@ def test_compiled_engine_seeded_noise_matches_eager_and_reuses_compilation(probl
                       x, upstream) for e in ("eager", "compile")]
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-9, atol=1e-12)
-    assert compiled_networks(score, clf) is compiled_networks(score, clf)
+    assert COMPILE_ENGINE.networks(score, clf) is COMPILE_ENGINE.networks(score, clf)
 
 
 def test_compiled_engine_follows_in_place_weight_changes(problem):

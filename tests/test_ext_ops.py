@@ -1,11 +1,12 @@
-"""The C++/CUDA extension ops (torch.ops.coup_fast.*) against their pure-torch twins + opcheck."""
+"""The C++/CUDA extension's kernels (torch.ops.coup_fast_ext.*) against their pure-torch twins, and the ops
+coup_fast registers over them (torch.ops.coup_fast.*: fake kernels, autograd) on the extension backend + opcheck."""
 import pytest
 import torch
 
-from coup_fast import _ops, noise, sde
+from coup_fast import extension, noise, ops, sde
 
-pytestmark = pytest.mark.skipif(not _ops.load_extension(),
-                                reason=f"extension not built: {_ops.extension_status()['error']}")
+pytestmark = pytest.mark.skipif(not extension.load_extension(),
+                                reason=f"extension not built: {extension.extension_status()['error']}")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEED = 987654321987
@@ -27,7 +28,7 @@ def _states(shape, dtype, device, n=3, seed=0):
 @pytest.mark.parametrize("k", [0, 11, 50_000_000])  # the last one uses the counter's high word
 def test_philox_normal(device, dtype, k):
     shape = (3, 1, 7, 5)
-    z = torch.ops.coup_fast.philox_normal(torch.empty(shape, dtype=dtype, device=device), _rng(k, device))
+    z = torch.ops.coup_fast_ext.philox_normal(torch.empty(shape, dtype=dtype, device=device), _rng(k, device))
     want = noise.philox_normal(SEED, k, shape, dtype=dtype, device=device)
     torch.testing.assert_close(z, want, **TOL[dtype])
 
@@ -38,7 +39,7 @@ def test_philox_normal(device, dtype, k):
 def test_em_step(device, dtype, with_guidance):
     x, s, g = _states((2, 3, 5, 4), dtype, device)
     g = g if with_guidance else None
-    out = torch.ops.coup_fast.em_step(x, s, g, _rng(4, device), 0.0217, 1.3)
+    out = torch.ops.coup_fast_ext.em_step(x, s, g, _rng(4, device), 0.0217, 1.3)
     z = noise.philox_normal(SEED, 4, x.shape, dtype=dtype, device=device)
     torch.testing.assert_close(out, sde.euler_maruyama_step(x, s, g, 0.0217, 1.3, z), **TOL[dtype])
 
@@ -47,7 +48,7 @@ def test_em_step(device, dtype, with_guidance):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adjoint_update(device, dtype):
     a, v = _states((4, 37), dtype, device, n=2)
-    out = torch.ops.coup_fast.adjoint_update(a, v, 0.019)
+    out = torch.ops.coup_fast_ext.adjoint_update(a, v, 0.019)
     torch.testing.assert_close(out, sde.adjoint_step(a, v, 0.019), **TOL[dtype])
 
 
@@ -68,7 +69,7 @@ def test_gradients_of_linear_ops(device):
 def test_noncontiguous_inputs(device):
     x, s, _ = _states((6, 10), torch.float32, device)
     xt, st = x.t(), s.t()  # (10, 6) views, not contiguous
-    out = torch.ops.coup_fast.em_step(xt, st, None, _rng(1, device), 0.02, 0.0)
+    out = torch.ops.coup_fast_ext.em_step(xt, st, None, _rng(1, device), 0.02, 0.0)
     z = noise.philox_normal(SEED, 1, xt.shape, device=device)
     torch.testing.assert_close(out, sde.euler_maruyama_step(xt, st, None, 0.02, 0.0, z), **TOL[torch.float32])
 
@@ -81,25 +82,29 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.coup_fast.em_step.default, args)
     torch.library.opcheck(torch.ops.coup_fast.philox_normal.default, (x.detach(), rng))
     torch.library.opcheck(torch.ops.coup_fast.adjoint_update.default, (x, s, 0.02))
+    for args in [(x, s, g, rng, 0.02, 1.0), (x, s, None, rng, 0.02, 0.0)]:  # the raw kernels' schemas
+        torch.library.opcheck(torch.ops.coup_fast_ext.em_step.default, args, test_utils=("test_schema",))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_errors_name_the_argument(device):
     x = torch.zeros(2, 3, device=device)
     with pytest.raises(RuntimeError, match="score"):
-        torch.ops.coup_fast.em_step(x, torch.zeros(3, 2, device=device), None, _rng(0, device), 0.01, 0.0)
+        torch.ops.coup_fast_ext.em_step(x, torch.zeros(3, 2, device=device), None, _rng(0, device), 0.01, 0.0)
     with pytest.raises(RuntimeError, match="rng"):
-        torch.ops.coup_fast.philox_normal(x, torch.zeros(2, device=device))
+        torch.ops.coup_fast_ext.philox_normal(x, torch.zeros(2, device=device))
 
 
 def test_adjoint_update_dispatch(monkeypatch):
     # the backward pass's op: the extension's CUDA kernel on CUDA when it is built, else the device's backend
-    from coup_fast import _ops, ops
+    def adjoint_backend(device):
+        ops.clear_backend_choice()  # what the fakes below make it choose is not kept
+        return ops.backend(device, "adjoint_update")
 
-    assert ops.adjoint_backend("cpu") == ops.backend("cpu")
-    monkeypatch.setattr(ops, "_BACKENDS", {})  # what the fakes below make it choose is not kept
-    monkeypatch.setattr(_ops, "load_extension", lambda: True)
-    monkeypatch.setattr(_ops, "extension_status", lambda: {"cuda": True})
-    assert ops.adjoint_backend("cuda") == "cuda-ext"
-    monkeypatch.setattr(_ops, "extension_status", lambda: {"cuda": False})
-    assert ops.adjoint_backend("cuda") == ops.backend("cuda")
+    assert adjoint_backend("cpu") == ops.backend("cpu")
+    monkeypatch.setattr(extension, "load_extension", lambda: True)
+    monkeypatch.setattr(extension, "extension_status", lambda: {"cuda": True})
+    assert adjoint_backend("cuda") == "cuda-ext"
+    monkeypatch.setattr(extension, "extension_status", lambda: {"cuda": False})
+    assert adjoint_backend("cuda") == ops.backend("cuda")
+    ops.clear_backend_choice()

@@ -1,4 +1,4 @@
-"""coup_fast.graphs: engine selection, cache keys and LRU, seeds, fallback, and (on CUDA) the real capture.
+"""coup_fast.engines.graph: engine selection, cache keys and LRU, seeds, fallback, and (on CUDA) the real capture.
 
 On the CPU the graph engine runs with `eager_capture`, which keeps the static-buffer contract of
 a CUDA graph (replay refreshes the first call's outputs in place), so everything but the recording
@@ -9,11 +9,15 @@ import warnings
 import pytest
 import torch
 
-from coup_fast import graphs, purify
+from coup_fast import clear_caches, purify
+from coup_fast.engines import graph as graphs
 from coup_fast.noise import draw_seed
 from coup_fast.precision import Precision, backend_flags, precision_context, prepare
 from coup_fast.purify import validate
+from coup_fast.solver import NoiseStream, pipeline
 from problems import neural_problem
+
+ENGINE = graphs.ENGINE  # the engine purify(engine='graph') uses
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a CUDA device; none on this machine")
@@ -29,15 +33,16 @@ def _images(batch=3, device="cpu", seed=0):
     return torch.rand(batch, 1, 4, 4, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def _fresh(*caches):
-    for cache in caches:
-        cache.clear()
-    graphs._WARNED.clear()
+def purify_graph(x, score, clf, setting, generator=None, gradient="exact", cache=None):
+    """purify (validated into `setting`) through a graph engine over `cache` (a CPU stand-in capture)."""
+    engine = graphs.GraphEngine(cache)
+    stream = NoiseStream(x, setting, generator=generator)
+    return pipeline(x, setting, stream, lambda s: engine.solve(s, score, clf, setting, stream, gradient), gradient)
 
 
 def _graph(x, score, clf, cache, seed=5, mode="coup", gradient="exact"):
     setting = _setting(x, score, clf, mode, gradient)
-    return graphs.purify_graph(x, score, clf, setting, torch.Generator().manual_seed(seed), gradient, cache=cache)
+    return purify_graph(x, score, clf, setting, torch.Generator().manual_seed(seed), gradient, cache=cache)
 
 
 def _eager(x, score, clf, seed=5, mode="coup", gradient="exact"):
@@ -65,7 +70,7 @@ def test_auto_on_cpu_is_the_eager_engine():
 def test_graph_on_cpu_warns_once_and_runs_eager():
     score, clf = neural_problem()
     x = _images()
-    graphs._WARNED.clear()
+    clear_caches()
     with pytest.warns(RuntimeWarning, match="engine='graph' runs the eager engine instead: x is on cpu"):
         out = purify(x, score, clf, generator=torch.Generator().manual_seed(3), engine="graph", **KW)
     with warnings.catch_warnings():
@@ -76,9 +81,9 @@ def test_graph_on_cpu_warns_once_and_runs_eager():
 
 def test_unsupported_reasons():
     x = _images()
-    assert "cpu" in graphs.unsupported(x)
+    assert "cpu" in ENGINE.unsupported(x)
     meta = torch.empty(2, 3, device="meta")
-    assert graphs.unsupported(meta) is not None
+    assert ENGINE.unsupported(meta) is not None
 
 
 # --------------------------------------------------------------------------- the engine on the CPU stand-in
@@ -109,7 +114,7 @@ def test_each_call_writes_a_fresh_seed():
     gen, twin = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     outs = []
     for _ in range(3):
-        outs.append(graphs.purify_graph(x, score, clf, setting, gen, cache=cache))
+        outs.append(purify_graph(x, score, clf, setting, gen, cache=cache))
         (entry,) = [cache.get(k, None) for k in cache.keys()]
         seed = draw_seed(twin)
         assert entry.table[:, 0].eq(seed).all()  # the seed column, rewritten in place
@@ -128,7 +133,7 @@ def test_eot_samples_are_independent_and_their_gradients_exact():
     gen, twin = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     xg, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     setting = _setting(x, score, clf)
-    samples = [graphs.purify_graph(xg, score, clf, setting, gen, cache=cache) for _ in range(3)]
+    samples = [purify_graph(xg, score, clf, setting, gen, cache=cache) for _ in range(3)]
     twins = [purify(xe, score, clf, generator=twin, engine="eager", **KW) for _ in range(3)]
     assert not torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
     for s, t in zip(samples, twins):
@@ -266,9 +271,9 @@ def _failing_capture(run, device):
 def test_capture_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     score, clf = neural_problem()
     cache = graphs.GraphCache(capture=_failing_capture)
-    monkeypatch.setattr(graphs, "_CACHE", cache)
-    monkeypatch.setattr(graphs, "unsupported", lambda *a, **k: None)  # route CPU tensors to the graph engine
-    graphs._WARNED.clear()
+    monkeypatch.setattr(ENGINE, "cache", cache)
+    monkeypatch.setattr(ENGINE, "unsupported", lambda *a, **k: None)  # route CPU tensors to the graph engine
+    clear_caches()
     x = _images().requires_grad_(True)
     with pytest.warns(RuntimeWarning, match=r"could not capture EpsilonScore/TinyClassifier .*running the eager"):
         out = purify(x, score, clf, generator=torch.Generator().manual_seed(4), engine="graph", **KW)
@@ -343,24 +348,24 @@ def _cuda_problem():
 @pytest.mark.parametrize("mode", ["coup", "diffpure"])
 def test_cuda_graph_matches_eager_bitwise(mode):
     score, clf = _cuda_problem()
-    graphs.clear_cache()
+    clear_caches()
     x = _images(device="cuda")
     with torch.no_grad():
         g = purify(x, score, clf, generator=torch.Generator().manual_seed(7), mode=mode, engine="graph", **KW)
         e = purify(x, score, clf, generator=torch.Generator().manual_seed(7), mode=mode, engine="eager", **KW)
-    assert len(graphs._CACHE) == 1  # it was captured, not a fallback
+    assert len(ENGINE.cache) == 1  # it was captured, not a fallback
     assert torch.equal(g, e)
 
 
 @needs_cuda
 def test_cuda_graph_draws_fresh_noise_per_call():
     score, clf = _cuda_problem()
-    graphs.clear_cache()
+    clear_caches()
     x = _images(device="cuda")
     gen = torch.Generator().manual_seed(8)
     with torch.no_grad():
         outs = [purify(x, score, clf, generator=gen, engine="graph", **KW) for _ in range(3)]
-    assert len(graphs._CACHE) == 1
+    assert len(ENGINE.cache) == 1
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     twin = torch.Generator().manual_seed(8)
     with torch.no_grad():
@@ -373,7 +378,7 @@ def test_cuda_graph_draws_fresh_noise_per_call():
 def test_cuda_graph_backward_matches_eager_bitwise(gradient, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # no atomics in either engine
     score, clf = _cuda_problem()
-    graphs.clear_cache()
+    clear_caches()
     x = _images(device="cuda")
     v = torch.randn_like(x)
     grads = {}
@@ -383,7 +388,7 @@ def test_cuda_graph_backward_matches_eager_bitwise(gradient, monkeypatch):
             out = purify(xr, score, clf, generator=torch.Generator().manual_seed(9 + it), gradient=gradient,
                          engine=engine, **KW)
             (grads[engine, it],) = torch.autograd.grad(out, xr, v)
-    assert len(graphs._CACHE) == 1
+    assert len(ENGINE.cache) == 1
     for it in range(2):
         assert torch.equal(grads["graph", it], grads["eager", it])
 
@@ -391,8 +396,7 @@ def test_cuda_graph_backward_matches_eager_bitwise(gradient, monkeypatch):
 @needs_cuda
 def test_cuda_uncapturable_model_falls_back_with_warning():
     score, clf = _cuda_problem()
-    graphs.clear_cache()
-    graphs._WARNED.clear()
+    clear_caches()
 
     class HostSync(torch.nn.Module):  # data-dependent control flow: a host sync inside the loop
         def forward(self, x, t):
@@ -408,7 +412,7 @@ def test_cuda_uncapturable_model_falls_back_with_warning():
     assert torch.equal(out, expected)
     with torch.no_grad():  # CUDA still works after the failed capture, and the graph engine for other models
         purify(x, score, clf, engine="graph", **KW)
-    assert any(isinstance(graphs._CACHE.get(k, None), graphs.GraphEntry) for k in graphs._CACHE.keys())
+    assert any(isinstance(ENGINE.cache.get(k, None), graphs.GraphEntry) for k in ENGINE.cache.keys())
 
 
 @needs_cuda
@@ -419,13 +423,12 @@ def test_cuda_graph_recaptures_after_clear_cache():
     x = _images(device="cuda")
     alive = []
     for seed in range(3):
-        graphs.clear_cache()
-        graphs._WARNED.clear()
+        clear_caches()
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and runs eagerly
             with torch.no_grad():
                 out = purify(x, score, clf, generator=torch.Generator().manual_seed(seed), engine="graph", **KW)
-        (entry,) = [graphs._CACHE.get(k, None) for k in graphs._CACHE.keys()]
+        (entry,) = [ENGINE.cache.get(k, None) for k in ENGINE.cache.keys()]
         assert isinstance(entry, graphs.GraphEntry)
         alive.append(entry.out)  # memory of the pool outlives the graph
         with torch.no_grad():

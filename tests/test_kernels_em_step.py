@@ -87,14 +87,25 @@ def test_seed_is_read_from_memory():
     assert not torch.allclose(first, second)
 
 
+def _on_triton():
+    """coup_fast.ops (the registered ops, their autograd and fakes) running these kernels on DEVICE."""
+    from coup_fast import ops
+
+    return ops.force_backend(torch.device(DEVICE).type, "triton")
+
+
 @here
 @pytest.mark.parametrize("with_guidance", [True, False])
 def test_em_step_gradients(with_guidance):
+    from coup_fast import ops
+
+    _kernels()
     g = torch.Generator().manual_seed(2)
     x, s, gd = (torch.randn(3, 11, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     gd_in = gd if with_guidance else None
     upstream = torch.randn(3, 11, generator=g).to(DEVICE)
-    out = _kernels().em_step(x, s, gd_in, _rng(SEED, 5), 0.03, 2.0)
+    with _on_triton():
+        out = ops.em_step(x, s, gd_in, _rng(SEED, 5), 0.03, 2.0)
     z = noise.philox_normal(SEED, 5, x.shape, device=DEVICE)
     ref = sde.euler_maruyama_step(x, s, gd_in, 0.03, 2.0, z)
     inputs = (x, s, gd) if with_guidance else (x, s)
@@ -106,12 +117,14 @@ def test_em_step_gradients(with_guidance):
 
 @here
 def test_opcheck():
-    k_mod = _kernels()
+    _kernels()  # triton importable
     x = torch.randn(2, 9, device=DEVICE)
     args = (x, torch.randn_like(x), torch.randn_like(x), _rng(SEED, 1), 0.02, 1.0)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(k_mod._em_step_op, args, test_utils=utils)
-    torch.library.opcheck(k_mod._philox_normal_op, (x, _rng(SEED, 1)), test_utils=("test_schema", "test_faketensor"))
+    with _on_triton():
+        torch.library.opcheck(torch.ops.coup_fast.em_step.default, args, test_utils=utils)
+        torch.library.opcheck(torch.ops.coup_fast.philox_normal.default, (x, _rng(SEED, 1)),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @here
@@ -136,17 +149,21 @@ def test_float64_states_are_computed_in_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adjoint_update(dtype):
     pytest.importorskip("triton")
-    from coup_fast.kernels.adjoint_update import _adjoint_update_op, adjoint_update
+    from coup_fast import ops
 
     g = torch.Generator().manual_seed(4)
     a, v = (torch.randn(5, 131, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for _ in range(2))
-    out, ref = adjoint_update(a, v, 0.019), sde.adjoint_step(a, v, 0.019)
+    with _on_triton():
+        out = ops.adjoint_update(a, v, 0.019)
+    ref = sde.adjoint_step(a, v, 0.019)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(out, ref, **tol)
     upstream = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (a, v), upstream), torch.autograd.grad(ref, (a, v), upstream)):
         torch.testing.assert_close(got, want, **tol)
-    torch.library.opcheck(_adjoint_update_op, (a, v, 0.019), test_utils=("test_schema", "test_faketensor"))
+    with _on_triton():
+        torch.library.opcheck(torch.ops.coup_fast.adjoint_update.default, (a, v, 0.019),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @here
@@ -167,9 +184,9 @@ def test_purify_through_the_triton_backend(monkeypatch):
         out = purify(xr, score, clf, t_star=0.01, lam=2.0, generator=torch.Generator().manual_seed(2), engine="eager")
         return out.detach(), torch.autograd.grad(out, xr, w)[0]
 
-    monkeypatch.setitem(ops._BACKENDS, torch.device(DEVICE).type, "torch")
-    want = run()
-    monkeypatch.setitem(ops._BACKENDS, torch.device(DEVICE).type, "triton")
-    got = run()
+    with ops.force_backend(torch.device(DEVICE).type, "torch"):
+        want = run()
+    with _on_triton():
+        got = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

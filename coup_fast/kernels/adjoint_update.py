@@ -1,8 +1,9 @@
-"""Fused update of the discrete adjoint (DESIGN.md), the backward twin of em_step:
+"""Fused update of the discrete adjoint (docs/design.md §3), the backward twin of em_step:
 
     a_k = a_{k+1} + beta_k h (a_{k+1} / 2 + v),   v = J_s^T a_{k+1} + lam H a_{k+1}
 
 Pure-torch twin: sde.adjoint_step.  fp32 math (fp64 for fp64 adjoints); v may be lower precision.
+Kernel and host launcher only; the op coup_fast::adjoint_update is registered in coup_fast/ops.py.
 """
 from __future__ import annotations
 
@@ -27,33 +28,13 @@ def _adjoint_update_kernel(a_ptr, v_ptr, out_ptr, n, beta_hi, beta_lo, ACC: tl.c
 _adjoint_update_tuned = triton.autotune(_CONFIGS, key=["n", "ACC"])(_adjoint_update_kernel)
 
 
-@torch.library.custom_op("coup_fast_triton::adjoint_update", mutates_args=())
-def _adjoint_update_op(a: torch.Tensor, vjp: torch.Tensor, beta_dt: float) -> torch.Tensor:
+def adjoint_update(a: torch.Tensor, vjp: torch.Tensor, beta_dt: float) -> torch.Tensor:
+    """Fused a + beta_dt (a/2 + vjp) (sde.adjoint_step), launched: a's dtype, fp32 (fp64) math.  The custom op
+    coup_fast::adjoint_update (coup_fast/ops.py, with its fake kernel and autograd) calls this."""
     _check_like(a, vjp=vjp)
     ac, vc = a.contiguous(), vjp.contiguous()
     out = torch.empty_like(ac)
     n = ac.numel()
     if n:
-        _launch(_adjoint_update_kernel, _adjoint_update_tuned, n, ac, vc, out, n, *split(beta_dt), ACC=_acc(ac))
+        _launch(_adjoint_update_kernel, _adjoint_update_tuned, n, ac, vc, out, n, *split(float(beta_dt)), ACC=_acc(ac))
     return out
-
-
-@_adjoint_update_op.register_fake
-def _(a, vjp, beta_dt):
-    return torch.empty_like(a, memory_format=torch.contiguous_format)
-
-
-def _adj_setup(ctx, inputs, output):
-    ctx.beta_dt, ctx.v_dtype = inputs[2], inputs[1].dtype
-
-
-def _adj_backward(ctx, grad):
-    return grad * (1.0 + 0.5 * ctx.beta_dt), (grad * ctx.beta_dt).to(ctx.v_dtype), None
-
-
-_adjoint_update_op.register_autograd(_adj_backward, setup_context=_adj_setup)
-
-
-def adjoint_update(a: torch.Tensor, vjp: torch.Tensor, beta_dt: float) -> torch.Tensor:
-    """Fused a + beta_dt (a/2 + vjp) (sde.adjoint_step): a's dtype, fp32 (fp64) math."""
-    return _adjoint_update_op(a, vjp, float(beta_dt))

@@ -71,7 +71,7 @@ def _check(logits):
         raise ValueError(f"logits: expected shape (B, C) with C >= 1, got {tuple(logits.shape)}")
 
 
-@torch.library.custom_op("coup_fast_triton::log_max_softmax", mutates_args=())
+@torch.library.custom_op("coup_fast::log_max_softmax", mutates_args=())
 def _confidence(logits: torch.Tensor) -> torch.Tensor:
     _check(logits)
     lc = logits.contiguous()
@@ -81,7 +81,7 @@ def _confidence(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("coup_fast_triton::log_max_softmax_backward", mutates_args=())
+@torch.library.custom_op("coup_fast::log_max_softmax_backward", mutates_args=())
 def _confidence_backward(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     lc, uc = logits.contiguous(), u.contiguous()
     dl = torch.empty_like(lc)
@@ -90,7 +90,7 @@ def _confidence_backward(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return dl
 
 
-@torch.library.custom_op("coup_fast_triton::log_max_softmax_double_backward", mutates_args=())
+@torch.library.custom_op("coup_fast::log_max_softmax_double_backward", mutates_args=())
 def _confidence_double_backward(logits: torch.Tensor, u: torch.Tensor,
                                 w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lc, uc, wc = logits.contiguous(), u.contiguous(), w.contiguous()

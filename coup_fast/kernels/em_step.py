@@ -7,6 +7,8 @@ twin); sde.euler_maruyama_step is the reference formula.  (seed, k) is loaded fr
 `rng` row in device memory, never passed as a scalar, so a captured CUDA graph draws new
 noise when a new seed is written into the table.  Math in fp32; x is the fp32 state, score and
 guidance may be bf16/fp16 (they are upcast on load).  fp64 states are computed in fp64.
+Kernels and host launchers only: the ops coup_fast::em_step / philox_normal, their fake kernels and
+autograd are registered once, in coup_fast/ops.py.
 """
 from __future__ import annotations
 
@@ -135,9 +137,15 @@ def _check_rng(x, rng_row):
                          f"got {rng_row.dtype} with {rng_row.numel()} elements on {rng_row.device}")
 
 
-@torch.library.custom_op("coup_fast_triton::em_step", mutates_args=())
-def _em_step_op(x: torch.Tensor, score: torch.Tensor, guidance: torch.Tensor | None, rng_row: torch.Tensor,
-                beta_dt: float, lam: float) -> torch.Tensor:
+def em_step(x, score, guidance, rng_row, beta_dt: float, lam: float) -> torch.Tensor:
+    """Fused x + beta_dt (x/2 + s + lam g) + sqrt(beta_dt) z(seed, k) (sde.euler_maruyama_step), launched.
+
+    x: fp32 state (fp64 is computed in fp64) of any shape; score/guidance: x's shape, any float
+    dtype; guidance may be None; rng_row: int64 (seed, k) on x's device.  Returns x's dtype.  The
+    custom op coup_fast::em_step (coup_fast/ops.py, with its fake kernel and autograd) calls this.
+    """
+    if guidance is not None and lam == 0.0:
+        guidance = None
     _check_like(x, score=score, guidance=guidance)
     _check_rng(x, rng_row)
     xc, sc, rc = x.contiguous(), score.contiguous(), rng_row.contiguous()
@@ -150,53 +158,11 @@ def _em_step_op(x: torch.Tensor, score: torch.Tensor, guidance: torch.Tensor | N
     return out
 
 
-@_em_step_op.register_fake
-def _(x, score, guidance, rng_row, beta_dt, lam):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-# x_{k+1} is affine in (x, s, g): d/dx = 1 + beta_dt / 2, d/ds = beta_dt, d/dg = lam beta_dt.
-def _em_setup(ctx, inputs, output):
-    x, score, guidance, _, ctx.beta_dt, ctx.lam = inputs
-    ctx.dtypes = (score.dtype, None if guidance is None else guidance.dtype)
-
-
-def _em_backward(ctx, grad):
-    s_dtype, g_dtype = ctx.dtypes
-    g_guid = None if g_dtype is None else (grad * (ctx.lam * ctx.beta_dt)).to(g_dtype)
-    return grad * (1.0 + 0.5 * ctx.beta_dt), (grad * ctx.beta_dt).to(s_dtype), g_guid, None, None, None
-
-
-_em_step_op.register_autograd(_em_backward, setup_context=_em_setup)
-
-
-@torch.library.custom_op("coup_fast_triton::philox_normal", mutates_args=())
-def _philox_normal_op(like: torch.Tensor, rng_row: torch.Tensor) -> torch.Tensor:
+def philox_normal(like: torch.Tensor, rng_row: torch.Tensor) -> torch.Tensor:
+    """z(seed, k) shaped like `like` (its dtype): element i from counter k * numel + i (noise.philox_normal)."""
     _check_rng(like, rng_row)
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     n = out.numel()
     if n:
         _launch(_philox_normal_kernel, _philox_normal_tuned, n, rng_row.contiguous(), out, n, ACC=_acc(out))
     return out
-
-
-@_philox_normal_op.register_fake
-def _(like, rng_row):
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-
-
-def em_step(x, score, guidance, rng_row, beta_dt: float, lam: float) -> torch.Tensor:
-    """Fused x + beta_dt (x/2 + s + lam g) + sqrt(beta_dt) z(seed, k); differentiable in x, s, g.
-
-    x: fp32 state (fp64 is computed in fp64) of any shape; score/guidance: x's shape, any float
-    dtype; guidance may be None; rng_row: int64 (seed, k) on x's device.  Returns x's dtype.
-    """
-    if guidance is not None and lam == 0.0:
-        guidance = None
-    return _em_step_op(x, score, guidance, rng_row, float(beta_dt), float(lam))
-
-
-def philox_normal(like: torch.Tensor, rng_row: torch.Tensor) -> torch.Tensor:
-    """z(seed, k) shaped like `like` (its dtype): element i from counter k * numel + i (noise.philox_normal)."""
-    return _philox_normal_op(like, rng_row)
-

@@ -22,6 +22,8 @@ import os
 import torch
 from torch import nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from ..score import score_sde_continuous
 
@@ -158,8 +160,6 @@ def _build_on_meta(cls, section: str, config: dict, meta_path: str) -> nn.Module
 
 def _check_shapes(module: nn.Module, weights_path: str, section: str) -> None:
     """Every tensor of `module` against the file's, from its header alone (nothing is loaded)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(weights_path, framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -196,8 +196,6 @@ def load_digits_models(device="cpu", weights_dir: str | None = None):
         ValueError: digits.json has an unknown key or a value of the wrong type, or the weight
             files do not match the architectures it describes.
     """
-    from safetensors.torch import load_file
-
     d = weights_dir or WEIGHTS_DIR
     paths = [os.path.join(d, f) for f in (SCORE_FILE, CLASSIFIER_FILE)]
     for p in paths:

@@ -6,7 +6,7 @@
 - :mod:`.sweep`: clean and robust accuracy against t* and lam (Sec. 5.4, Fig. 4).
 - :mod:`.cli`: ``coup-fast paper {toy,trajectory,sweep}``.
 
-Every analysis runs through the engine's own solver (`coup_fast.purify.solve` / `purify`).
+Every analysis runs through the engine's own solver (`coup_fast.solver.solve` / `purify`).
 Each one checks that its output directory is writable before it computes anything, and the
 toy study and the sweep keep each finished cell on disk (:class:`CellStore`), so an interrupted
 run resumes where it stopped when the same command is run again.
@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import sys
+
+import torch
 
 from .._files import atomic_write, atomic_write_text
 
@@ -63,8 +65,6 @@ def fingerprint(*objects) -> str:
     It keys resumable cells to the networks and data they were computed on, so a retrained
     model under the same path does not reuse old cells.  Other objects count by type name only.
     """
-    import torch
-
     h = hashlib.sha256()
     for obj in objects:
         if isinstance(obj, torch.nn.Module):

@@ -10,8 +10,13 @@ come before or after the subcommand.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+import torch
+
+from ..engines import CHOICES as ENGINES
+from . import check_out_dir, sweep, toy, trajectory
 from .toy import MAX_WEIGHT
 
 COMMANDS = ("toy", "trajectory", "sweep")
@@ -26,8 +31,6 @@ MIN_DT = 1e-5  # at most t*/dt = 100,000 Euler steps per purification
 
 def _number(kind, lo, hi=None, lo_open=True, what=""):
     """An argparse type: a number of `kind` in (lo, hi] ([lo, hi] when lo_open is False)."""
-    import math
-
     def parse(text: str):
         try:
             v = kind(text)
@@ -74,8 +77,6 @@ def _list_of(item):
 
 
 def _device(text: str) -> str:
-    import torch
-
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -98,9 +99,7 @@ def _common(p):
 
 
 def _data_args(p):
-    from .sweep import DATASETS, SUBSETS
-
-    p.add_argument("--data", choices=DATASETS, default="digits",
+    p.add_argument("--data", choices=sweep.DATASETS, default="digits",
                    help="digits (embedded models, default), or cifar10 / cifar100 (needs --cifar-dir, --score-ckpt, "
                         "--classifier-ckpt)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
@@ -109,7 +108,7 @@ def _data_args(p):
     p.add_argument("--n-iter", type=POSITIVE_INT, default=None, help="APGD-CE iterations")
     p.add_argument("--dt", type=DT, default=None, help=f"Euler step, in [{MIN_DT:g}, 1] (digits 1e-2, CIFAR 1e-3)")
     p.add_argument("--cifar-dir", help="CIFAR-10/100 python-version directory or .tar.gz (coup_fast.data.load_cifar)")
-    p.add_argument("--subset", choices=SUBSETS, default=None,
+    p.add_argument("--subset", choices=sweep.SUBSETS, default=None,
                    help="CIFAR test images: 'paper' (default: DiffPure's and COUP's "
                         "np.random.RandomState(seed).choice(10000, n, replace=False)) or 'seeded' (a torch permutation)")
     p.add_argument("--score-ckpt", help="Score SDE checkpoint (coup_fast.models.ncsnpp.load_ncsnpp)")
@@ -129,13 +128,11 @@ def _load_kwargs(a) -> dict:
 
 
 def run_toy_cmd(a) -> int:
-    from .toy import run_toy, toy_table
-
-    r = run_toy(a.out, n_paths=a.n_paths, c_grid=a.c, lam_grid=a.lam, seed=a.seed, progress=a.progress)
+    r = toy.run_toy(a.out, n_paths=a.n_paths, c_grid=a.c, lam_grid=a.lam, seed=a.seed, progress=a.progress)
     print("label of the purified point, P(x_0 < 0):")
-    print(toy_table(r))
+    print(toy.toy_table(r))
     print("path ever below 0, P(min_t x_t < 0) (Prop. 1's flip):")
-    print(toy_table(r, "flip_ever"))
+    print(toy.toy_table(r, "flip_ever"))
     p2 = r["prop2"]
     print(f"exact flip probability (lam = 0): {r['exact_flip_lam0_c0']:.4f}")
     print(f"Prop. 2 (Eq. 8): fraction of paths within the bound, worst cell: global sups "
@@ -145,12 +142,11 @@ def run_toy_cmd(a) -> int:
 
 
 def run_trajectory_cmd(a) -> int:
-    from .trajectory import DEFAULTS, run_trajectory
-
+    defaults = trajectory.DEFAULTS
     if a.data != "digits":
-        DEFAULTS = {**DEFAULTS, "eps": 8 / 255, "n_iter": 100}
-    pick = lambda name: DEFAULTS[name] if getattr(a, name) is None else getattr(a, name)  # noqa: E731
-    s = run_trajectory(a.out, data=a.data, n_images=pick("n_images"), seed=a.seed, eps=pick("eps"),
+        defaults = {**defaults, "eps": 8 / 255, "n_iter": 100}
+    pick = lambda name: defaults[name] if getattr(a, name) is None else getattr(a, name)  # noqa: E731
+    s = trajectory.run_trajectory(a.out, data=a.data, n_images=pick("n_images"), seed=a.seed, eps=pick("eps"),
                        t_star=a.t_star, dt=pick("dt"), lam=a.lam, n_iter=pick("n_iter"), device=a.device,
                        progress=a.progress, **_load_kwargs(a))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -164,12 +160,10 @@ def run_trajectory_cmd(a) -> int:
 
 
 def run_sweep_cmd(a) -> int:
-    from .sweep import SweepConfig, run_sweep
-
-    cfg = SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
+    cfg = sweep.SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
                              t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine,
                              n_eval=a.n_eval, eot=a.eot)
-    r = run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
+    r = sweep.run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
     for row in r["rows"]:
         print(f"{row['axis']:>6}  t*={row['t_star']:<6g} lam={row['lam']:<5g} clean {row['clean_acc']:.3f} "
               f"± {row['clean_se']:.3f}  robust {row['robust_acc']:.3f} ± {row['robust_se']:.3f}")
@@ -179,9 +173,6 @@ def run_sweep_cmd(a) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `paper {toy,trajectory,sweep}` to an argparse subparsers object; each sets args.func."""
-    from ..graphs import ENGINES
-    from . import toy
-
     paper = subparsers.add_parser("paper", help="the paper's analyses (toy study, trajectories, sweeps)",
                                   description="Sec. 5.3-5.4 of arXiv 2408.05900: " + ", ".join(COMMANDS))
     _common(paper)
@@ -224,10 +215,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _command(fn):
     """fn(a) after the common defaults, the --out check and --threads; bad input -> exit status 2."""
     def run(a):
-        import torch
-
-        from . import check_out_dir, sweep, toy, trajectory
-
         for name, value in COMMON_DEFAULTS.items():
             if not hasattr(a, name):
                 setattr(a, name, value)

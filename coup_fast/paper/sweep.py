@@ -21,8 +21,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 from . import CELLS_DIR, CellStore, check_out_dir, fingerprint, write_outputs
+from .. import attacks
+from .. import data as datasets  # (`data` is the name of the data-set argument)
+from ..models import digits, ncsnpp, wideresnet
 from ..purify import PurifiedClassifier
 
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -82,27 +86,20 @@ def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, dev
     if subset is not None and subset not in SUBSETS:
         raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     if data == "digits":
-        from ..data import load_digits
-        from ..models import load_digits_models
-
         if subset == "paper":
             raise ValueError("subset: 'paper' is the CIFAR test subset of DiffPure and COUP; digits has only "
                              "its seeded subset")
-        score_model, classifier = load_digits_models(device=device, weights_dir=weights_dir)
-        x, y = load_digits("test", n=n_images, seed=seed)
+        score_model, classifier = digits.load_digits_models(device=device, weights_dir=weights_dir)
+        x, y = datasets.load_digits("test", n=n_images, seed=seed)
     elif data in CIFAR_DATASETS:
         missing = [n for n, v in (("--cifar-dir", cifar_dir), ("--score-ckpt", score_ckpt),
                                   ("--classifier-ckpt", classifier_ckpt)) if not v]
         if missing:
             raise ValueError(f"data={data!r} needs {', '.join(missing)}")
-        from ..data import load_cifar
-        from ..models.ncsnpp import load_ncsnpp
-        from ..models.wideresnet import load_wideresnet
-
         # the images first: a wrong --cifar-dir is reported before minutes of checkpoint loading
-        x, y = load_cifar(cifar_dir, "test", n=n_images, seed=seed, dataset=data, subset=subset or "paper")
-        score_model = load_ncsnpp(score_ckpt, device=device)
-        classifier = load_wideresnet(classifier_ckpt, wrn_depth, wrn_widen, device=device,
+        x, y = datasets.load_cifar(cifar_dir, "test", n=n_images, seed=seed, dataset=data, subset=subset or "paper")
+        score_model = ncsnpp.load_ncsnpp(score_ckpt, device=device)
+        classifier = wideresnet.load_wideresnet(classifier_ckpt, wrn_depth, wrn_widen, device=device,
                                      num_classes=100 if data == "cifar100" else 10)
         for m in (score_model, classifier):
             m.to(device).eval().requires_grad_(False)
@@ -112,16 +109,9 @@ def load_problem(data: str = "digits", *, n_images: int = 48, seed: int = 0, dev
 
 
 def apgd_ce(model, x, y, *, eps: float, n_iter: int, seed: int = 0, eot: int = 1):
-    """APGD-CE, L-inf, `eot` draws per gradient: coup_fast.attacks when present, else pyautoattack's APGDAttack."""
-    try:
-        from ..attacks import AttackSettings, apgd_ce as _apgd_ce
-    except ImportError:
-        from pyautoattack.autopgd_base import APGDAttack
-
-        attack = APGDAttack(model, n_iter=n_iter, norm="Linf", eps=eps, loss="ce", seed=seed, device=x.device,
-                            eot_iter=eot)
-        return attack.perturb(x, y)
-    return _apgd_ce(model, x, y, norm="Linf", eps=eps, seed=seed, settings=AttackSettings(n_iter=n_iter), eot=eot)
+    """APGD-CE, L-inf, `eot` draws per gradient (coup_fast.attacks.apgd_ce: pyautoattack's APGDAttack)."""
+    return attacks.apgd_ce(model, x, y, norm="Linf", eps=eps, seed=seed, settings=attacks.AttackSettings(n_iter=n_iter),
+                           eot=eot)
 
 
 def accuracy_point(score_model, classifier, x, y, *, t_star: float, lam: float, dt: float, eps: float,
@@ -160,8 +150,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
     until the outputs are written, and a rerun with the same config, networks and images resumes
     from them.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     if out_dir is not None:
         check_out_dir(out_dir, OUTPUT_FILES)

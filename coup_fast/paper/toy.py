@@ -2,7 +2,7 @@
 
 Data: p_0 = 1/2 N(-0.5, 1) (y = 0) + 1/2 N(0.5, 1) (y = 1) in the diffusion state x itself
 (1-D, states (B, 1)).  Purification starts at x = 0.2 at t* = 0.1 and runs the engine's
-guided reverse VP-SDE (`coup_fast.purify.solve`, Euler-Maruyama, dt = 1e-3) down to t = 0 with
+guided reverse VP-SDE (`coup_fast.solver.solve`, Euler-Maruyama, dt = 1e-3) down to t = 0 with
 the exact diffused score (`GaussianMixture`) and the paper's noisy classifier
 
     q(x) = p(y=1 | x) = p1(x) / (p0(x) + p1(x) + c n(x)),   n(x) = sin(100 x) / 100,
@@ -30,10 +30,12 @@ import time
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import CELLS_DIR, CellStore, check_out_dir, write_outputs
 from ..analytic import GaussianMixture
-from ..purify import Noise, Setting, solve
+from ..networks import EagerNetworks
+from ..solver import NoiseStream, PurifyConfig, plain_drift, solve
 from ..sde import ReverseGrid, euler_maruyama_step, vp_alpha, vp_gamma, vp_sigma
 
 MEANS = (-0.5, 0.5)
@@ -215,7 +217,7 @@ class _PathRecorder(nn.Module):
 
 def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_START, t_star: float = T_STAR,
              dt: float = DT) -> dict:
-    """Run `noise.shape[1]` toy paths through `coup_fast.purify.solve`; noise (N, B, 1) standard normals
+    """Run `noise.shape[1]` toy paths through the engine's solver (`coup_fast.solver.solve`); noise (N, B, 1) standard normals
     (their dtype is the states' dtype).
 
     Returns x_final (B,), x_min (B,) and per-path sups of |x|, |s| and |lam g| along the path.
@@ -223,12 +225,13 @@ def simulate(c: float, lam: float, noise: torch.Tensor, *, x_start: float = X_ST
     grid = ReverseGrid.from_dt(t_star, dt)
     if noise.shape[0] != grid.n_steps:
         raise ValueError(f"noise: expected {grid.n_steps} steps in dim 0, got shape {tuple(noise.shape)}")
-    setting = Setting(grid, float(lam), "coup")
+    config = PurifyConfig(grid, float(lam), "coup")
     x = torch.full((noise.shape[1], 1), x_start, dtype=noise.dtype)
     recorder = _PathRecorder(toy_mixture(), grid, noise)
-    source = Noise(x, setting, noise=noise)
+    stream = NoiseStream(x, config, noise=noise)
+    drift = plain_drift(EagerNetworks(recorder, NoisyToyClassifier(c)), config.lam)
     with torch.no_grad():
-        out = solve(x, recorder, NoisyToyClassifier(c), setting, source, callback=recorder.callback)
+        out = solve(x, config, stream, drift, callback=recorder.callback)
     # lam = 0 applies no guidance; the recovered residual would be pure float round-off (~1e-3 in float32)
     sup_g = recorder.sup_g if lam != 0 else torch.zeros_like(recorder.sup_g)
     return {"x_final": out[:, 0], "x_min": recorder.min_x, "sup_x": recorder.sup_x, "sup_s": recorder.sup_s,
@@ -304,8 +307,6 @@ def run_toy(out_dir: str | None = "results/paper", *, n_paths: int = N_PATHS, c_
     is kept in out_dir/cells/ until then, and a rerun with the same settings resumes from them.
     Returns the JSON dict.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     c_grid, lam_grid = _check_grid("c_grid", c_grid), _check_grid("lam_grid", lam_grid)
     if isinstance(n_paths, bool) or not isinstance(n_paths, int) or n_paths < 1:

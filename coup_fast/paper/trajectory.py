@@ -5,7 +5,7 @@
 2. The failures are the images that this purifier classifies correctly when clean and wrongly
    after the attack; y_adv is the wrong label it then predicts.
 3. For each failure, the noise-free path from x_adv at t* to 0 is run through the engine's solver
-   (`coup_fast.purify.solve`, a callback reading each state) with lam = 0 and with guidance lam,
+   (`coup_fast.solver.solve`, a callback reading each state) with lam = 0 and with guidance lam,
    recording p(y_true | x_t) and p(y_adv | x_t) at t_0 = t* and after every step.
 """
 from __future__ import annotations
@@ -17,11 +17,14 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import check_out_dir
 from .._files import atomic_write, atomic_write_text
 from ..guidance import image_to_state, state_to_image
-from ..purify import Noise, Setting, purify, solve
+from ..networks import EagerNetworks
+from ..purify import purify
+from ..solver import NoiseStream, PurifyConfig, plain_drift, solve
 from ..sde import ReverseGrid
 from .sweep import apgd_ce, load_problem
 
@@ -54,9 +57,9 @@ def confidence_path(u, labels, score_model, classifier, *, t_star: float, dt: fl
     return_final_pred: also the classifier's prediction at t = 0, (B,) (the purifier's output class).
     """
     grid = ReverseGrid.from_dt(t_star, dt)
-    setting = Setting(grid, float(lam), "coup")
+    config = PurifyConfig(grid, float(lam), "coup")
     x = image_to_state(u)
-    source = Noise(x, setting, noise=torch.zeros(grid.n_steps, *x.shape, dtype=x.dtype, device=x.device))
+    stream = NoiseStream(x, config, noise=torch.zeros(grid.n_steps, *x.shape, dtype=x.dtype, device=x.device))
     columns, last = [], []
 
     def record(state):
@@ -67,7 +70,8 @@ def confidence_path(u, labels, score_model, classifier, *, t_star: float, dt: fl
 
     record(x)
     with torch.no_grad():
-        solve(x, score_model, classifier, setting, source, callback=lambda info: record(info["x"]))
+        solve(x, config, stream, plain_drift(EagerNetworks(score_model, classifier), config.lam),
+              callback=lambda info: record(info["x"]))
     paths = torch.stack(columns, dim=-1).cpu().numpy()
     return (paths, last[0].argmax(1).cpu().numpy()) if return_final_pred else paths
 
@@ -82,8 +86,6 @@ def run_trajectory(out_dir: str | None = "results/paper", *, data: str = "digits
     25-75 % bands, as Fig. 2a); returns a summary, with the accuracy of both paths' final predictions.
     out_dir is checked for writing before anything is loaded or attacked.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     if out_dir is not None:
         check_out_dir(out_dir, OUTPUT_FILES)

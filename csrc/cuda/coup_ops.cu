@@ -117,7 +117,7 @@ at::Tensor adjoint_update_cuda(const at::Tensor& a, const at::Tensor& vjp, doubl
   return out;
 }
 
-TORCH_LIBRARY_IMPL(coup_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(coup_fast_ext, CUDA, m) {
   m.impl("em_step", &em_step_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
   m.impl("adjoint_update", &adjoint_update_cuda);

@@ -6,11 +6,11 @@ torch.compile cannot compile through autograd (hence precision.py's compile knob
 Written with torch.func, the two functions a step needs are plain functions of tensors,
 
     drift(x, t)  = (s(x, t), grad_x log max_y p(y | (x + 1)/2))      forward step
-    vjp(x, a, t) = J_s(x)^T a + lam H(x) a                           lean adjoint step (DESIGN.md)
+    vjp(x, a, t) = J_s(x)^T a + lam H(x) a                           lean adjoint step (docs/design.md §3)
 
 and inductor compiles each whole (forward, backward and double backward in one graph): pointwise
 ops fused into loops, one Python call per step instead of hundreds of dispatches.  The maths is
-the eager engine's (`purify.drift_terms`, `purify.adjoint_vjp`), with the pure-torch confidence
+the eager engine's (`networks.drift_terms`, `networks.vjp_objective`), with the pure-torch confidence
 (guidance.log_max_softmax) that inductor fuses itself; tests compare it with unrolled autograd.
 memory='fast' calls drift with grad enabled and keeps its graph: AOTAutograd then compiles the
 drift's backward too (guidance's double backward included), and a step's VJP is that backward.
@@ -30,11 +30,11 @@ import warnings
 
 import torch
 
-from .guidance import classifier_logits, log_max_softmax
-from .purify import EagerNetworks, batch_time
+from ..adjoint import exact_solve
+from ..guidance import classifier_logits, log_max_softmax
+from ..networks import EagerNetworks, batch_time, vjp_objective
 
-_CACHE: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
-_CACHE_SIZE = 8  # the entries keep their models alive, so an id is never reused while cached
+CACHE_SIZE = 8  # model pairs; the entries keep their models alive, so an id is never reused while cached
 
 
 def _compile(fn):
@@ -82,10 +82,10 @@ class CompiledNetworks:
             return score_model(x, t), guidance(x)
 
         def score_dot(x, t, a):
-            return (score_model(x, t) * a).sum()
+            return vjp_objective(score_model(x, t), None, a, 0.0, False)
 
         def drift_dot(x, t, a, lam):
-            return score_dot(x, t, a) + (guidance(x) * (lam * a)).sum()
+            return vjp_objective(score_model(x, t), guidance(x), a, lam, True)
 
         self._score, self._score_and_guidance = _compile(score), _compile(score_and_guidance)
         self._vjp_score = _compile(lambda x, t, a: torch.func.grad(score_dot)(x, t, a))
@@ -94,7 +94,7 @@ class CompiledNetworks:
         self._hessian_ok = {}  # (use, shape, dtype, device) -> the compiled Hessian products agree with eager
 
     def drift_terms(self, x, t: float, lam: float, create_graph=False):
-        """(score, guidance or None when lam = 0), as purify.drift_terms.
+        """(score, guidance or None when lam = 0), as networks.drift_terms.
 
         Called with grad enabled on an x that requires grad, both outputs are differentiable
         (guidance to second order) whatever create_graph says: AOTAutograd compiles their backward.
@@ -109,7 +109,7 @@ class CompiledNetworks:
         return self._score_and_guidance(x, tb) if lam > 0 else (self._score(x, tb), None)
 
     def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
-        """J_s(x_k)^T a (+ lam H(x_k) a with_hessian), as purify.adjoint_vjp."""
+        """J_s(x_k)^T a (+ lam H(x_k) a with_hessian), as networks.adjoint_vjp."""
         tb = batch_time(a, t)
         with torch.no_grad():
             if not (with_hessian and lam > 0):
@@ -155,19 +155,36 @@ def _agree(got, want, hessian_part) -> bool:
     return ok
 
 
-def compiled_networks(score_model, classifier) -> CompiledNetworks:
-    """The cached CompiledNetworks of these two models (built on first use)."""
-    key = (id(score_model), id(classifier))
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is score_model and hit[1] is classifier:
-        return hit[2]
-    nets = CompiledNetworks(score_model, classifier)
-    while len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (score_model, classifier, nets)
-    return nets
+class CompileEngine:
+    """engine='compile': the eager solve and adjoint over CompiledNetworks, one per model pair (cached)."""
+
+    name = "compile"
+
+    def __init__(self, max_size: int = CACHE_SIZE):
+        self.max_size = max_size
+        self._cache: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
+
+    def unsupported(self, x, noise=None, gradient="exact") -> str | None:
+        return None
+
+    def networks(self, score_model, classifier) -> CompiledNetworks:
+        """The cached CompiledNetworks of these two models (built on first use)."""
+        key = (id(score_model), id(classifier))
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is score_model and hit[1] is classifier:
+            return hit[2]
+        nets = CompiledNetworks(score_model, classifier)
+        while len(self._cache) >= self.max_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (score_model, classifier, nets)
+        return nets
+
+    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
+        return exact_solve(x, self.networks(score_model, classifier), config, stream, gradient == "exact", memory)
+
+    def clear(self):
+        """Forget every compiled function (torch.compile's own caches are torch._dynamo.reset())."""
+        self._cache.clear()
 
 
-def clear_cache():
-    """Forget every compiled function (torch.compile's own caches are torch._dynamo.reset())."""
-    _CACHE.clear()
+ENGINE = CompileEngine()

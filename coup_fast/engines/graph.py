@@ -1,8 +1,8 @@
 """CUDA-graph engine: the purification loop and its exact adjoint, each captured once and replayed.
 
-Per configuration (device, shape, dtype, Setting, gradient kind, model ids, backend flags) the
+Per configuration (device, shape, dtype, PurifyConfig, gradient kind, model ids, backend flags) the
 N-step guided loop (Eq. 5: score net, guidance with its autograd.grad, fused step) is captured in
-one CUDA graph and, when a gradient is needed, the discrete adjoint (DESIGN.md: per-step
+one CUDA graph and, when a gradient is needed, the discrete adjoint (docs/design.md §3: per-step
 recompute, VJPs incl. lam H via create_graph guidance, fused adjoint_update) in a second.  A
 PGD/APGD iteration is then two replays.  The fused step reads (seed, k) from a device table, so
 writing a new seed into column 0 before a replay draws fresh noise with no rebuild.
@@ -15,11 +15,13 @@ configuration cost K - 1 extra forward replays in the backward, not K trajectori
 
 Graphs bake in parameter addresses: weights updated in place (load_state_dict, optimizer steps)
 are seen by the next replay; rebound weights (model.half(), p.data = ...) change the key and are
-captured anew.  `clear_cache()` frees every graph.
+captured anew.  The engine owns its graphs, pools and warnings; coup_fast.clear_caches() frees them.
+Outputs and gradients are bitwise equal to the eager engine's (docs/design.md §6).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import warnings
@@ -28,64 +30,50 @@ from collections import OrderedDict
 
 import torch
 
-from . import ops
-from .guidance import image_to_state, state_to_image
-from .noise import draw_seed, rng_table
-from .precision import backend_flags
-from .purify import adjoint_solve, solve
-from .sde import ReverseGrid, diffuse
+from .. import ops
+from ..adjoint import Recompute, adjoint_solve
+from ..networks import EagerNetworks
+from ..noise import rng_table
+from ..precision import backend_flags
+from ..solver import PurifyConfig, recording_drift, plain_drift, solve
+from ..sde import ReverseGrid
 
-ENGINES = ("auto", "eager", "graph", "compile")
 CACHE_SIZE = int(os.environ.get("COUP_FAST_GRAPH_CACHE", "8"))
 WARMUP_RUNS = 2  # on a side stream before capture: cuDNN/Triton autotuning, lazy autograd state
 WARMUP_STEPS = 2  # every step launches the same kernels, so a short loop warms them all
-
-_WARNED: set = set()
-_POOLS: dict = {}  # device -> (pool handle, WeakSet of the live graphs captured into it)
-_clock = [0]  # counts replays of any graph: a trajectory is valid only while nothing else ran
 
 
 class CaptureError(RuntimeError):
     """Recording into a CUDA graph failed (host sync, data-dependent control flow, ...)."""
 
 
-def warn_once(message: str):
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+class _Pools:
+    """The graph memory pool of each device, and the set of live graphs that use it.
+
+    PyTorch retires a pool once every graph captured into it is destroyed, and a later capture
+    that names the retired handle fails an internal assert (CUDACachingAllocator: use_count > 0).
+    So a pool lives as long as one of its graphs does; after coup_fast.clear_caches() (or evicting the
+    last graph) the next capture starts a fresh pool."""
+
+    def __init__(self):
+        self._pools: dict = {}  # device -> (pool handle, WeakSet of the live graphs captured into it)
+
+    def get(self, device):
+        pool, members = self._pools.get(device, (None, None))
+        if pool is None or len(members) == 0:
+            pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
+            self._pools[device] = (pool, members)
+        return pool, members
+
+    def clear(self):
+        self._pools.clear()
 
 
-def check_engine(engine):
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-
-
-def unsupported(x, noise=None, gradient="exact") -> str | None:
-    """Why the graph engine cannot run this call, or None."""
-    if not x.is_cuda:
-        return f"x is on {x.device}; CUDA graphs need CUDA tensors"
-    if noise is not None:
-        return "an explicit `noise` tensor was given (the graph draws counter-based noise itself)"
-    if gradient == "adjoint":
-        return "gradient='adjoint' runs torchsde's adjoint"
-    return None
-
-
-def use_graph(engine, x, noise=None, gradient="exact") -> bool:
-    """True when `purify` should run on the graph engine: 'auto' on CUDA, or 'graph' where it can."""
-    check_engine(engine)
-    if engine in ("eager", "compile"):
-        return False
-    reason = unsupported(x, noise, gradient)
-    if reason is not None and engine == "graph":
-        warn_once(f"coup_fast: engine='graph' runs the eager engine instead: {reason}")
-    return reason is None
-
-
-def cuda_capture(run, device):
+def cuda_capture(run, device, pools: _Pools):
     """Warm `run(steps)` up on a side stream, then record run(None) in a CUDA graph.
 
     Returns (replay, outputs): replay() re-runs the recorded kernels, refreshing `outputs` in place.
+    `pools`: the devices' shared graph memory pools (one per GraphCache).
     """
     device = torch.device(device)
     # Autocast caches its casts of weights that require grad outside the graph's memory pool and
@@ -100,7 +88,7 @@ def cuda_capture(run, device):
             for _ in range(WARMUP_RUNS):
                 run(WARMUP_STEPS)
         torch.cuda.current_stream().wait_stream(side)
-        pool, members = _shared_pool(device)
+        pool, members = pools.get(device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pool):
@@ -116,20 +104,6 @@ def cuda_capture(run, device):
             raise CaptureError(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from err
         members.add(graph)
     return graph.replay, outputs
-
-
-def _shared_pool(device):
-    """The device's graph memory pool, and the set of live graphs that use it.
-
-    PyTorch retires a pool once every graph captured into it is destroyed, and a later capture
-    that names the retired handle fails an internal assert (CUDACachingAllocator: use_count > 0).
-    So a pool lives as long as one of its graphs does; after clear_cache() (or evicting the last
-    graph) the next capture starts a fresh pool."""
-    pool, members = _POOLS.get(device, (None, None))
-    if pool is None or len(members) == 0:
-        pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
-        _POOLS[device] = (pool, members)
-    return pool, members
 
 
 def eager_capture(run, device):
@@ -151,13 +125,20 @@ def _flat(tree):
     return [t for item in (tree or ()) for t in _flat(item)]
 
 
-def _replay(replay):
-    _clock[0] += 1
-    replay()
+class ReplayClock:
+    """Counts the replays of the graphs of one GraphCache: a trajectory left in a graph's buffers is valid
+    only while no other graph (whose temporaries may reuse its memory) has replayed since."""
+
+    def __init__(self):
+        self.ticks = 0
+
+    def replay(self, replay):
+        self.ticks += 1
+        replay()
 
 
 class _TableNoise:
-    """purify.Noise's counter-based stream, reading its (seed, k) rows from a static table."""
+    """NoiseStream's counter-based stream, reading its (seed, k) rows from a static table."""
 
     def __init__(self, table):
         self.table = table
@@ -166,44 +147,48 @@ class _TableNoise:
         return ops.em_step(x, score, guidance, self.table[k], beta_dt, lam)
 
 
-def _first_steps(setting, steps):
-    if steps is None or steps >= setting.grid.n_steps:
-        return setting
-    return dataclasses.replace(setting, grid=ReverseGrid(setting.grid.t_star, steps))
+def _warmup_config(config: PurifyConfig, n_steps):
+    """The configuration with its first n_steps steps only (None: all), for a short warm-up loop."""
+    if n_steps is None or n_steps >= config.grid.n_steps:
+        return config
+    return dataclasses.replace(config, grid=ReverseGrid(config.grid.t_star, n_steps))
 
 
 class GraphEntry:
     """The graphs and static buffers of one configuration (holding its models alive)."""
 
-    def __init__(self, x, score_model, classifier, setting, with_grad: bool, with_hessian: bool, capture):
-        self.models, self.setting = (score_model, classifier), setting
+    def __init__(self, x, score_model, classifier, config, with_grad: bool, with_hessian: bool, capture, clock):
+        self.models, self.config, self.clock = (score_model, classifier), config, clock
+        self.nets = EagerNetworks(score_model, classifier)
         self.x_in = x.detach().contiguous().clone()  # warm-up runs on real inputs
-        self.table = rng_table(0, setting.grid.n_steps + 1, x.device)
+        self.table = rng_table(0, config.grid.n_steps + 1, x.device)
         self.owner, self.epoch = None, -1
         self.replay_forward, (self.out, self.trajectory) = capture(self._forward_loop(with_grad), x.device)
         self.replay_backward = None
         if with_grad:
             self.grad_out = torch.zeros_like(self.x_in)
             with torch.no_grad():  # a capture runs nothing: fill the trajectory the backward warms up on
-                _replay(self.replay_forward)
+                self.clock.replay(self.replay_forward)
             self.replay_backward, self.grad_in = capture(self._backward_loop(with_hessian), x.device)
 
     def _forward_loop(self, keep_trajectory: bool):
-        score_model, classifier = self.models
-        source = _TableNoise(self.table)
+        stream = _TableNoise(self.table)
 
-        def run(steps):
+        def run(n_steps):
             trajectory = [] if keep_trajectory else None
+            config = _warmup_config(self.config, n_steps)
+            drift = recording_drift(self.nets, config.lam, trajectory) if keep_trajectory else \
+                plain_drift(self.nets, config.lam)
             with torch.no_grad():
-                out = solve(self.x_in, score_model, classifier, _first_steps(self.setting, steps), source,
-                            trajectory=trajectory)
+                out = solve(self.x_in, config, stream, drift)
             return out, trajectory
 
         return run
 
     def _backward_loop(self, with_hessian: bool):
-        def run(steps):
-            return adjoint_solve(self.trajectory, self.grad_out, *self.models, self.setting, with_hessian, steps)
+        def run(n_steps):
+            step_vjps = Recompute(self.trajectory, self.nets, self.config, with_hessian)
+            return adjoint_solve(step_vjps, self.grad_out, self.config, first_steps=n_steps)
 
         return run
 
@@ -216,20 +201,20 @@ class GraphEntry:
         with torch.no_grad():
             self.x_in.copy_(x)
             self.write_seed(seed)
-            _replay(self.replay_forward)
-            self.owner, self.epoch = token, _clock[0]
+            self.clock.replay(self.replay_forward)
+            self.owner, self.epoch = token, self.clock.ticks
             return self.out.clone()
 
     def holds(self, token) -> bool:
         """Is the trajectory in the buffers the one of forward call `token`?"""
-        return token is not None and self.owner is token and self.epoch == _clock[0]
+        return token is not None and self.owner is token and self.epoch == self.clock.ticks
 
     def backward(self, grad) -> torch.Tensor:
         """a_0 for a_N = grad, on the trajectory currently held."""
         with torch.no_grad():
             self.grad_out.copy_(grad)
-            _replay(self.replay_backward)
-            self.epoch = _clock[0]  # captured while the trajectory was live, so it left it intact
+            self.clock.replay(self.replay_backward)
+            self.epoch = self.clock.ticks  # captured while the trajectory was live, so it left it intact
             return self.grad_in.clone()
 
 
@@ -242,12 +227,14 @@ class CaptureFailed:
 
 
 class GraphCache:
-    """LRU of GraphEntry by configuration key, at most `max_size` entries."""
+    """LRU of GraphEntry by configuration key, at most `max_size` entries.  Its graphs share one memory
+    pool per device (cuda_capture) and one replay clock."""
 
     def __init__(self, max_size: int = CACHE_SIZE, capture=None):
         if not (isinstance(max_size, int) and max_size >= 1):
             raise ValueError(f"max_size: expected an int >= 1, got {max_size!r}")
-        self.max_size, self.capture = max_size, capture or cuda_capture
+        self.max_size, self.capture = max_size, capture or functools.partial(cuda_capture, pools=_Pools())
+        self.clock = ReplayClock()
         self._entries: OrderedDict = OrderedDict()
 
     def __len__(self):
@@ -273,30 +260,22 @@ class GraphCache:
         self._entries.clear()
 
 
-_CACHE = GraphCache()
-
-
-def clear_cache():
-    """Drop every captured graph (after rebinding model weights, or to free their memory)."""
-    _CACHE.clear()
-
-
 def _model_state(model) -> tuple:
     """A module's train/eval flags (every submodule: a wrapper's own flag says nothing of its net's
     dropout) and its tensors' addresses (a rebound weight, model.half() or p.data = ..., means a new
     graph).  A plain callable is known by its identity only: rebinding the tensors it closes over
-    needs clear_cache()."""
+    needs coup_fast.clear_caches()."""
     if not isinstance(model, torch.nn.Module):
         return ()
     return (tuple(m.training for m in model.modules()),
             tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
 
 
-def graph_key(x, score_model, classifier, setting, gradient: str, with_grad: bool) -> tuple:
+def graph_key(x, score_model, classifier, config, gradient: str, with_grad: bool) -> tuple:
     """What a captured graph depends on besides the values in its static buffers and weights."""
     kind = ("grad", gradient == "exact") if with_grad else ("forward",)
     models = tuple((id(m), _model_state(m)) for m in (score_model, classifier))
-    return (str(x.device), tuple(x.shape), x.dtype, setting, kind, models, backend_flags(),
+    return (str(x.device), tuple(x.shape), x.dtype, config, kind, models, backend_flags(),
             torch.is_inference_mode_enabled())  # buffers made in inference mode are inference tensors
 
 
@@ -318,39 +297,61 @@ class _GraphSolve(torch.autograd.Function):
         return ctx.entry.backward(grad_out), None, None
 
 
-def purify_graph(x, score_model, classifier, setting, generator=None, gradient="exact", cache=None):
-    """`purify` (already validated into `setting`) on the graph engine; differentiable in x.
+class GraphEngine:
+    """engine='graph' (and 'auto' on CUDA): the solve replayed from captured CUDA graphs.
 
-    Bitwise equal to the eager engine for the same generator state.  Returns None when the models
-    cannot be captured (one warning per model pair), and the caller runs the eager engine.
+    cache: the GraphCache of captured configurations (its `capture` is cuda_capture, or eager_capture
+    to exercise everything but the recording on a CPU).
     """
-    cache = _CACHE if cache is None else cache
-    with_grad = torch.is_grad_enabled() and x.requires_grad and gradient != "bpda"
-    key = graph_key(x, score_model, classifier, setting, gradient, with_grad)
 
-    def build(capture):
-        try:
-            return GraphEntry(image_to_state(x.detach()), score_model, classifier, setting, with_grad,
-                              gradient == "exact", capture)
-        except CaptureError as err:
-            return CaptureFailed(str(err), (score_model, classifier))
+    name = "graph"
 
-    entry = cache.get(key, build)
-    if isinstance(entry, CaptureFailed):
-        names = "/".join(type(m).__name__ for m in (score_model, classifier))
-        warn_once(f"coup_fast: could not capture {names} in a CUDA graph ({entry.reason}); running the eager "
-                  "engine. Models with host syncs or data-dependent control flow (.item(), .cpu(), nonzero) "
-                  "cannot be captured; engine='eager' skips the attempt.")
+    def __init__(self, cache: GraphCache | None = None):
+        self.cache = cache if cache is not None else GraphCache()  # (an empty cache is falsy)
+        self._warned: set = set()
+
+    def unsupported(self, x, noise=None, gradient="exact") -> str | None:
+        """Why this engine cannot run the call, or None."""
+        if not x.is_cuda:
+            return f"x is on {x.device}; CUDA graphs need CUDA tensors"
+        if noise is not None:
+            return "an explicit `noise` tensor was given (the graph draws counter-based noise itself)"
+        if gradient == "adjoint":
+            return "gradient='adjoint' runs torchsde's adjoint"
         return None
-    seed = draw_seed(generator)  # the same draw the eager engine makes, so both see the same noise
-    start = state = image_to_state(x)
-    if setting.mode == "diffpure":
-        entry.write_seed(seed)
-        state = diffuse(state, setting.grid.t_star, ops.normal_noise(state.detach(), entry.table[-1]), setting.diffusion)
-    if with_grad:
-        out = _GraphSolve.apply(state, entry, seed)
-    else:
-        out = entry.forward(state, seed)
-    if gradient == "bpda":  # straight-through, as purify_state does
-        out = start + (out - start).detach()
-    return state_to_image(out).clamp(0.0, 1.0)
+
+    def warn_once(self, message: str):
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
+        """x_N from start state x, differentiable in x (bitwise the eager engine's), or None when the
+        models cannot be captured (one warning per model pair; the caller runs eagerly)."""
+        with_grad = torch.is_grad_enabled() and x.requires_grad
+        key = graph_key(x, score_model, classifier, config, gradient, with_grad)
+
+        def build(capture):
+            try:
+                return GraphEntry(x.detach(), score_model, classifier, config, with_grad, gradient == "exact", capture,
+                                  self.cache.clock)
+            except CaptureError as err:
+                return CaptureFailed(str(err), (score_model, classifier))
+
+        entry = self.cache.get(key, build)
+        if isinstance(entry, CaptureFailed):
+            names = "/".join(type(m).__name__ for m in (score_model, classifier))
+            self.warn_once(f"coup_fast: could not capture {names} in a CUDA graph ({entry.reason}); running the eager "
+                           "engine. Models with host syncs or data-dependent control flow (.item(), .cpu(), nonzero) "
+                           "cannot be captured; engine='eager' skips the attempt.")
+            return None
+        if with_grad:
+            return _GraphSolve.apply(x, entry, stream.seed)
+        return entry.forward(x, stream.seed)
+
+    def clear(self):
+        self.cache.clear()
+        self._warned.clear()
+
+
+ENGINE = GraphEngine()
