@@ -27,6 +27,8 @@ def classifier_logits(classifier, x: torch.Tensor) -> torch.Tensor:
     """classifier((x + 1)/2), checked to be (B, C) logits: other shapes would make the max and
     logsumexp run over the wrong axis and couple the images of a batch, silently."""
     logits = classifier(state_to_image(x))
+    if not torch.is_tensor(logits):
+        raise ValueError(f"classifier: expected logits as one tensor, got {type(logits).__name__}")
     if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"classifier: expected logits of shape (B, C) = ({x.shape[0]}, C), got {tuple(logits.shape)}")
     return logits
@@ -42,6 +44,9 @@ def confidence_grad(classifier, x: torch.Tensor, *, create_graph: bool = False,
     with torch.enable_grad():
         if not (create_graph and x.requires_grad):
             x = x.detach().requires_grad_(True)
-        objective = log_confidence(classifier_logits(classifier, x)).sum()
-        (grad,) = torch.autograd.grad(objective, x, create_graph=create_graph)
+        logits = classifier_logits(classifier, x)
+        if not logits.requires_grad:
+            raise ValueError("classifier: its logits do not depend on its input through autograd (a detached output, "
+                             "or torch.no_grad / inference_mode inside it), so the guidance has no gradient")
+        (grad,) = torch.autograd.grad(log_confidence(logits).sum(), x, create_graph=create_graph)
     return grad

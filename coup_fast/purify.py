@@ -2,6 +2,8 @@
 argument checked.  The pipeline and the engines below do the work (docs/design.md §4, §6)."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import numbers
 import warnings
@@ -11,19 +13,22 @@ from torch import nn
 
 from . import engines
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
-from .solver import MODES, NoiseStream, PurifyConfig, pipeline
+from .lm import LMConfig
+from .networks import EagerNetworks
+from .solver import LM_MODE, MODES, NoiseStream, NonFiniteCheck, PurifyConfig, pipeline
 
 MEMORY = ("lean", "fast")
 GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
 RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
 
 
-def _model_device(model):
+def _model_tensor(model):
+    """A module's first parameter (or buffer): where and in which dtype it computes; None for a function."""
     if isinstance(model, nn.Module):
         for tensor in model.parameters():
-            return tensor.device
+            return tensor
         for tensor in model.buffers():
-            return tensor.device
+            return tensor
     return None
 
 
@@ -43,11 +48,76 @@ def _warn_if_training(name, model):
                       f"change; call {name}.eval()", stacklevel=4)
 
 
+MAX_STEPS = 100_000  # N = t*/dt above this is refused: 1e6 steps take ~25 min per image on a CPU (max_steps= lifts it)
+
+
+def _check_models(score_model, classifier, x=None):
+    for name, model in (("score_model", score_model), ("classifier", classifier)):
+        if model is None and name == "score_model":
+            raise ValueError("score_model: expected a callable (x, t) -> score, got None")
+        if model is not None and not callable(model):
+            raise ValueError(f"{name}: expected a callable, got {type(model).__name__}")
+        if x is None:
+            continue
+        tensor = _model_tensor(model)
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name}: its parameters are on {tensor.device} but x is on {x.device}; move one of them")
+        weight = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype:
+            raise ValueError(f"x: {x.dtype} but the {name}'s parameters are {weight.dtype}; convert one of them "
+                             f"(e.g. x.to({weight.dtype}) or {name}.to({x.dtype}))")
+        _warn_if_training(name, model)
+
+
+def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact", memory="lean", engine="auto",
+                   diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None):
+    """Check purify's settings (everything but the tensors and the models); raise ValueError naming the
+    first bad one.  Returns N, the number of steps."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(gradient, str) or gradient not in GRADIENTS:
+        raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+    if lm is not None and not isinstance(lm, LMConfig):
+        raise ValueError(f"lm: expected a coup_fast.lm.LMConfig or None, got {type(lm).__name__}")
+    if mode == LM_MODE and gradient == "adjoint":
+        raise ValueError(f"gradient: 'adjoint' is the published attack on the SDE purifiers; mode {LM_MODE!r} takes "
+                         "'exact', 'detached-guidance' or 'bpda'")
+    if not isinstance(memory, str) or memory not in MEMORY:
+        raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
+    engines.check_engine(engine)
+    if not (_is_real(t_star) and 0.0 < t_star <= 1.0):
+        raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
+    if not (_is_real(dt) and 0.0 < dt <= t_star):
+        raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
+    if not (_is_real(lam) and math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
+    if not isinstance(diffusion, str) or diffusion not in DIFFUSION_SCHEDULES:
+        raise ValueError(f"diffusion: expected one of {DIFFUSION_SCHEDULES}, got {diffusion!r}")
+    if mode == "diffpure" and diffusion == "ddpm":
+        ddpm_index(float(t_star))  # DiffPure's discrete schedule diffuses to step 1000 t*: t* on that grid
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise ValueError(f"samples: expected an integer >= 1, got {samples!r}")
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite: expected True or False, got {check_finite!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(f"max_steps: expected an integer >= 1, got {max_steps!r}")
+    n_steps = ReverseGrid.from_dt(float(t_star), float(dt)).n_steps
+    if n_steps > max_steps:
+        raise ValueError(f"dt: t*/dt = {t_star}/{dt} means N = {n_steps:,} steps per purification, above the limit of "
+                         f"{max_steps:,} (raise it with max_steps= if you mean it)")
+    return n_steps
+
+
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
-             memory="lean", diffusion="ddpm") -> PurifyConfig:
+             memory="lean", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
+             max_steps=MAX_STEPS, lm=None) -> PurifyConfig:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError("x: a meta tensor has no values to purify; give x on a real device (cpu, cuda)")
     if x.dtype not in (torch.float32, torch.float64):
         # The state is integrated in x's dtype: half precision cannot resolve steps of beta h ~ 1e-3.
         # Low-precision networks go through coup_fast.precision (bf16 autocast), the state stays fp32.
@@ -62,68 +132,65 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         lo, hi = float(x.detach().min()), float(x.detach().max())
         if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
             raise ValueError(f"x: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(gradient, str) or gradient not in GRADIENTS:
-        raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
-    if not isinstance(memory, str) or memory not in MEMORY:
-        raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
-    if not (_is_real(t_star) and 0.0 < t_star <= 1.0):
-        raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
-    if not (_is_real(dt) and 0.0 < dt <= t_star):
-        raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
-    if not (_is_real(lam) and math.isfinite(lam) and lam >= 0.0):
-        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
-    if not isinstance(diffusion, str) or diffusion not in DIFFUSION_SCHEDULES:
-        raise ValueError(f"diffusion: expected one of {DIFFUSION_SCHEDULES}, got {diffusion!r}")
-    if mode == "diffpure" and diffusion == "ddpm":
-        ddpm_index(float(t_star))  # DiffPure's discrete schedule diffuses to step 1000 t*: t* on that grid
-    for name, model in (("score_model", score_model), ("classifier", classifier)):
-        if model is None and name == "score_model":
-            raise ValueError("score_model: expected a callable (x, t) -> score, got None")
-        if model is not None and not callable(model):
-            raise ValueError(f"{name}: expected a callable, got {type(model).__name__}")
-        dev = _model_device(model)
-        if dev is not None and dev != x.device:
-            raise ValueError(f"{name}: its parameters are on {dev} but x is on {x.device}; move one of them")
-        _warn_if_training(name, model)
-    effective_lam = float(lam) if mode == "coup" else 0.0
+    check_settings(t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient, memory=memory, engine=engine,
+                   diffusion=diffusion, generator=generator, samples=samples, check_finite=check_finite,
+                   max_steps=max_steps, lm=lm)
+    _check_models(score_model, classifier, x)
+    if mode == LM_MODE and noise is not None:
+        raise ValueError(f"noise: mode {LM_MODE!r} draws its (t, eps) from a seed (pass a generator); explicit draws go "
+                         "to coup_fast.lm.lm_solve(draws=...)")
+    effective_lam = float(lam) if mode in ("coup", LM_MODE) else 0.0
     if effective_lam > 0.0 and classifier is None:
-        raise ValueError("classifier: guidance (mode='coup', lam > 0) needs a classifier, got None")
+        raise ValueError(f"classifier: guidance (mode={mode!r}, lam > 0) needs a classifier, got None")
     if effective_lam > 0.0 and torch.is_inference_mode_enabled():
         raise ValueError("lam: the guidance is a gradient of the classifier, which torch.inference_mode() forbids; "
                          "run purify under torch.no_grad() instead")
+    if mode == LM_MODE:  # purify's lam weighs the guidance of the LM objective; the SDE grid is unused
+        lm_config = dataclasses.replace(lm or LMConfig(), lam=effective_lam)
+        return PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), 0.0, mode, diffusion, lm_config)
     config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion)
     if abs(config.grid.h - dt) > 0.01 * dt:
         warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {config.grid.n_steps} steps of "
                       f"h = {config.grid.h:.4g}", stacklevel=3)
     if noise is not None:
-        expected = (config.n_draws, *x.shape)
+        expected = (config.n_draws, samples * x.shape[0], *x.shape[1:])
         if not torch.is_tensor(noise) or tuple(noise.shape) != expected:
             got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
             what = "N + 1 (first draw: the forward diffusion)" if mode == "diffpure" else "N"
-            raise ValueError(f"noise: expected shape {expected} ({what} draws of x's shape, N = {config.grid.n_steps}), got {got}")
+            per = f" of the {samples} x {x.shape[0]} samples" if samples > 1 else " of x's shape"
+            raise ValueError(f"noise: expected shape {expected} ({what} draws{per}, N = {config.grid.n_steps}), got {got}")
         if not noise.is_floating_point():
             raise ValueError(f"noise: expected a floating dtype (standard normal draws), got {noise.dtype}")
         if noise.device != x.device:
             raise ValueError(f"noise: expected on {x.device}, got {noise.device}")
         if not torch.isfinite(noise).all():
             raise ValueError("noise: contains NaN or Inf")
+        if noise.requires_grad:
+            raise ValueError("noise: it requires grad, but gradients are taken with respect to x only and none "
+                             "would reach it; pass noise.detach()")
+        if generator is not None:
+            raise ValueError("generator: unused when noise is given (the draws are the noise tensor); pass one of them")
     return config
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact", memory="lean", engine="auto", diffusion="ddpm"):
+           gradient="exact", memory="lean", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
+           max_steps=MAX_STEPS, lm=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
     t of shape (B,).  classifier(u) -> logits for u in [0, 1] (may be None when lam = 0).
     mode: 'coup' (start at x, guidance lam), 'reverse' (lam = 0), 'diffpure' (diffuse to t*
-    first, lam = 0).  N = round(t*/dt) steps.  diffusion: DiffPure's forward marginal, 'ddpm' (its
-    code's discrete schedule, alpha_bar at step 1000 t*; t* on the 1/1000 grid) or 'vp' (the
-    continuous alpha(t*), sigma(t*)).  noise: optional (N, *x.shape) standard normals
+    first, lam = 0), or 'likelihood-max' (Sec. 5.2.1's DDPM variant: M optimizer steps on the denoising
+    loss of an eps-network on the DDPM index, guided by lam, coup_fast.lm; `lm` = an LMConfig of its
+    settings, Chen et al.'s by default; t_star and dt unused).  N = round(t*/dt) steps (at most max_steps).  diffusion: DiffPure's forward
+    marginal, 'ddpm' (its code's discrete schedule, alpha_bar at step 1000 t*; t* on the 1/1000 grid)
+    or 'vp' (the continuous alpha(t*), sigma(t*)).  noise: optional (N, *x.shape) standard normals
     ((N + 1, ...) for 'diffpure', draw 0 diffusing) used as z_k exactly; otherwise a seed is
-    drawn from `generator` (torch's global RNG if None).  gradient: 'exact' (discrete adjoint),
+    drawn from `generator` (torch's global RNG if None); giving both is an error.
+    samples: K independent purifications of x in one batched call, returning (K * B, ...) images,
+    sample r in rows r B .. (r + 1) B - 1 with the r-th seed drawn: exactly the draws of K
+    sequential calls with the same generator (EOT in one batch).  gradient: 'exact' (discrete adjoint),
     'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
     sdeint_adjoint, Euler, dt, BrownianInterval, path from t* to 1e-5, guidance detached; not an exact
     gradient; coup_fast.reference.solve_published), 'bpda' (straight-through), 'detached-guidance'
@@ -138,41 +205,60 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     (any device: each step's network calls, guidance and the adjoint's Hessian-vector product
     included, run as torch.compile'd functions, coup_fast.engines.compiled; the first call per model pair
     and shape compiles for tens of seconds).  gradient='adjoint' runs in torchsde whatever the engine.
-    Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape.
+    check_finite: check the purified images (and, in the backward pass, the gradient) once per call and
+    raise a ValueError naming the network that produced NaN or Inf (False skips the check).
+    Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape
+    ((samples * B, ...) for samples > 1).
     """
     config = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
-                      noise=noise, memory=memory, diffusion=diffusion)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    engine = engines.select(engine, x, noise, gradient)
-    stream = NoiseStream(x, config, noise, generator)
+                      noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
+                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm)
+    if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
+        x = x.repeat(samples, *([1] * (x.ndim - 1)))
+    engine = engines.select(engine, x, noise, gradient, samples, mode)
+    stream = NoiseStream(x, config, noise, generator, samples=samples)
+    eager = engines.ENGINES["eager"]
 
     def solve_state(state):
         out = engine.solve(state, score_model, classifier, config, stream, gradient, memory)
         if out is None:  # the graph engine could not capture these models
-            out = engines.ENGINES["eager"].solve(state, score_model, classifier, config, stream, gradient, memory)
+            out = eager.solve(state, score_model, classifier, config, stream, gradient, memory)
         return out
 
-    return pipeline(x, config, stream, solve_state, gradient)
+    check = NonFiniteCheck(EagerNetworks(score_model, classifier), config, stream) if check_finite else None
+    return pipeline(x, config, stream, solve_state, gradient, check)
+
+
+# purify's keyword arguments, which PurifiedClassifier takes too
+PURIFY_KWARGS = tuple(inspect.signature(purify).parameters)[3:]
 
 
 class PurifiedClassifier(nn.Module):
     """classifier(purify(x)) as one module: a drop-in for AutoAttack and PGD loops.
 
-    Every call draws fresh noise (pass generator= for a reproducible sequence of calls).
+    Every call draws fresh noise (pass generator= for a reproducible sequence of calls).  The keyword
+    arguments are purify's, checked when the module is built.
     """
 
     def __init__(self, score_model, classifier, **purify_kwargs):
         super().__init__()
+        unknown = sorted(set(purify_kwargs) - set(PURIFY_KWARGS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an argument of purify; expected some of {PURIFY_KWARGS}")
+        if purify_kwargs.get("noise") is not None:
+            raise ValueError("noise: a PurifiedClassifier draws fresh noise on every call; give generator= instead")
+        check_settings(**{k: v for k, v in purify_kwargs.items() if k != "noise"})
+        _check_models(score_model, classifier)
         self.score_model, self.classifier = score_model, classifier
         self.purify_kwargs = purify_kwargs
-        if "gradient" in purify_kwargs and purify_kwargs["gradient"] not in GRADIENTS:
-            raise ValueError(f"gradient: expected one of {GRADIENTS}, got {purify_kwargs['gradient']!r}")
-        if "engine" in purify_kwargs:
-            engines.check_engine(purify_kwargs["engine"])
 
-    def purify(self, x):
-        return purify(x, self.score_model, self.classifier, **self.purify_kwargs)
+    def purify(self, x, samples: int = 1):
+        return purify(x, self.score_model, self.classifier, **{**self.purify_kwargs, "samples": samples})
 
     def forward(self, x):
         return self.classifier(self.purify(x))
+
+    def sample_logits(self, x, samples: int):
+        """Logits of `samples` independent purifications of x in one batched call: (samples * B, C), sample r
+        in rows r B .. (r + 1) B - 1, the same draws as `samples` sequential calls (see purify's samples)."""
+        return self.classifier(self.purify(x, samples))

@@ -18,21 +18,26 @@ import torch
 
 from . import ops
 from .guidance import image_to_state, state_to_image
+from .lm import LMConfig
 from .noise import diffusion_counter, draw_seed, philox_normal, rng_table
 from .sde import ReverseGrid, diffuse, euler_maruyama_step
 
-MODES = ("coup", "reverse", "diffpure")
+# The SDE purifiers, and the DDPM variant of Sec. 5.2.1: likelihood maximization (coup_fast.lm), guided by lam.
+MODES = ("coup", "reverse", "diffpure", "likelihood-max")
+LM_MODE = "likelihood-max"
 
 
 @dataclass(frozen=True)
 class PurifyConfig:
     """Everything a purification needs besides the tensors: the time grid, the guidance weight lam
-    (0 unless mode is 'coup'), the mode and DiffPure's forward marginal (sde.DIFFUSION_SCHEDULES)."""
+    (0 unless mode is 'coup'), the mode, DiffPure's forward marginal (sde.DIFFUSION_SCHEDULES), and for
+    mode 'likelihood-max' the LM settings (its own guidance weight in lm.lam; the grid is unused)."""
 
     grid: ReverseGrid
     lam: float
     mode: str
     diffusion: str = "ddpm"
+    lm: LMConfig | None = None
 
     @property
     def n_draws(self) -> int:
@@ -48,40 +53,60 @@ class StepNoise(Protocol):
 
 
 class NoiseStream:
-    """The draws of one purification: a given tensor, or the counter-based stream of one seed.
+    """The draws of one purification: a given tensor, or the counter-based stream of one seed per sample.
 
     noise: (n_draws, *x.shape) standard normals used exactly (DiffPure's diffusion draw first), or
-    None: z_k is the Philox stream of `seed`, regenerated, never stored (docs/design.md §5); without a
-    seed one is drawn from `generator` (torch's global RNG if None).
+    None: z_k is the Philox stream of a seed, regenerated, never stored (docs/design.md §5); without a
+    seed one is drawn from `generator` (torch's global RNG if None).  samples = K > 1: x holds K
+    samples of B rows each, and sample r draws from the r-th of K seeds drawn in order, exactly as the
+    r-th of K calls of one sample would (batched EOT).
     """
 
-    def __init__(self, like: torch.Tensor, config: PurifyConfig, noise=None, generator=None, seed: int | None = None):
+    def __init__(self, like: torch.Tensor, config: PurifyConfig, noise=None, generator=None, seed: int | None = None,
+                 samples: int = 1):
         self.config, self.device = config, like.device
         self.tensor = None if noise is None else noise.to(like.dtype)
         if noise is not None:
-            self.seed = None
+            self.seeds = []
+        elif seed is not None:
+            self.seeds = [int(seed)]
         else:
-            self.seed = draw_seed(generator) if seed is None else int(seed)
+            self.seeds = [draw_seed(generator) for _ in range(samples)]
+        self.seed = self.seeds[0] if self.seeds else None
         self.offset = int(config.mode == "diffpure")  # the step draws' first row in `tensor`
-        self._table = None
+        self._tables = None
+
+    @property
+    def tables(self) -> list:
+        """Per seed, the (N + 1, 2) device table of (seed, counter) rows the fused ops read (made on first use)."""
+        if self._tables is None:
+            self._tables = [rng_table(seed, self.config.grid.n_steps + 1, self.device) for seed in self.seeds]
+        return self._tables
 
     @property
     def table(self) -> torch.Tensor:
-        """The (N + 1, 2) device table of (seed, counter) rows the fused ops read (made on first use)."""
-        if self._table is None:
-            self._table = rng_table(self.seed, self.config.grid.n_steps + 1, self.device)
-        return self._table
+        return self.tables[0]
+
+    def _per_sample(self, op, *tensors):
+        """op(sample r's slices, table r) for each sample, concatenated (one call when there is one sample)."""
+        if len(self.seeds) == 1:
+            return op(*tensors, self.table)
+        rows = tensors[0].shape[0] // len(self.seeds)
+        parts = [op(*[None if t is None else t[r * rows:(r + 1) * rows] for t in tensors], table)
+                 for r, table in enumerate(self.tables)]
+        return torch.cat(parts)
 
     def diffusion_eps(self, like):
         """DiffPure's forward-diffusion draw; it depends on x's shape only, never on its values."""
         if self.tensor is not None:
             return self.tensor[0]
-        return ops.normal_noise(like.detach(), self.table[diffusion_counter(self.config.grid.n_steps)])
+        counter = diffusion_counter(self.config.grid.n_steps)
+        return self._per_sample(lambda part, table: ops.normal_noise(part, table[counter]), like.detach())
 
     def step(self, x, score, guidance, k: int, beta_dt: float, lam: float):
         if self.tensor is not None:
             return euler_maruyama_step(x, score, guidance, beta_dt, lam, self.tensor[self.offset + k])
-        return ops.em_step(x, score, guidance, self.table[k], beta_dt, lam)
+        return self._per_sample(lambda x, s, g, table: ops.em_step(x, s, g, table[k], beta_dt, lam), x, score, guidance)
 
     def step_draws(self):
         """The explicit step draws ((N, *shape), None for a seeded stream)."""
@@ -93,8 +118,10 @@ class NoiseStream:
             return self.tensor
         n = self.config.grid.n_steps
         counters = ([diffusion_counter(n)] if self.offset else []) + list(range(n))
-        return torch.stack([philox_normal(self.seed, k, like.shape, dtype=like.dtype, device=like.device)
-                            for k in counters])
+        rows = like.shape[0] // len(self.seeds)
+        shape = (rows, *like.shape[1:])
+        return torch.stack([torch.cat([philox_normal(seed, k, shape, dtype=like.dtype, device=like.device)
+                                       for seed in self.seeds]) for k in counters])
 
 
 # Drift strategies: drift(k, t, x) -> (score, guidance or None) for step k at time t.
@@ -126,6 +153,8 @@ def solve(x, config: PurifyConfig, stream: StepNoise, drift: Callable, callback=
     for k in range(grid.n_steps):
         t_k = grid.t(k)
         score, guidance = drift(k, t_k, x)
+        if k == 0 and not torch.is_tensor(score):
+            raise ValueError(f"score_model: expected a score tensor of x's shape, got {type(score).__name__}")
         if k == 0 and score.shape != x.shape:  # the pure-torch step would broadcast it silently
             raise ValueError(f"score_model: expected a score of x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
         x = stream.step(x, score, guidance, k, grid.beta_dt(k), config.lam)
@@ -134,12 +163,34 @@ def solve(x, config: PurifyConfig, stream: StepNoise, drift: Callable, callback=
     return x
 
 
-def pipeline(u, config: PurifyConfig, stream: NoiseStream, solve_state: Callable, gradient: str = "exact"):
+class _CheckedGradient(torch.autograd.Function):
+    """The identity, whose backward checks once that the gradient reaching the start state is finite."""
+
+    @staticmethod
+    def forward(ctx, x, on_non_finite):
+        ctx.on_non_finite = on_non_finite
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not torch.isfinite(grad).all():
+            ctx.on_non_finite(grad)
+        return grad, None
+
+
+def pipeline(u, config: PurifyConfig, stream: NoiseStream, solve_state: Callable, gradient: str = "exact",
+             check=None):
     """Purify images u in [0, 1] (docs/design.md §6): x = 2u - 1; DiffPure's forward diffusion with the
     stream's diffusion draw (mode 'diffpure'); x_N = solve_state(x); gradient 'bpda' makes the solve
     straight-through (its forward as usual, an identity Jacobian from the start state); back to images,
-    clamped to [0, 1]."""
+    clamped to [0, 1].
+
+    check: a NonFiniteCheck (or None): the final state, and in the backward pass the gradient reaching
+    the images, are checked once for NaN and Inf, and it raises naming the cause.
+    """
     start = x = image_to_state(u)
+    if check is not None and torch.is_grad_enabled() and x.requires_grad:
+        start = x = _CheckedGradient.apply(x, check.gradient)
     if config.mode == "diffpure":
         x = diffuse(x, config.grid.t_star, stream.diffusion_eps(x), config.diffusion)
     if gradient == "bpda":
@@ -148,4 +199,47 @@ def pipeline(u, config: PurifyConfig, stream: NoiseStream, solve_state: Callable
         out = start + (out - start).detach()
     else:
         out = solve_state(x)
+    if check is not None and not torch.isfinite(out).all():  # once per call, after the loop: no per-step cost
+        check.forward(x.detach())
     return state_to_image(out).clamp(0.0, 1.0)
+
+
+class NonFiniteCheck:
+    """What to say when a purification gives NaN or Inf: which network produced it, at which step.
+
+    The diagnosis reruns the solve eagerly (same draws) checking every step's score, guidance and
+    state, so it costs nothing unless something already went wrong.
+    """
+
+    def __init__(self, nets, config: PurifyConfig, stream: NoiseStream):
+        self.nets, self.config, self.stream = nets, config, stream
+
+    def forward(self, x):
+        nets, lam = self.nets, self.config.lam
+        if self.config.mode == LM_MODE:
+            raise ValueError("score_model: the likelihood-max purification gave NaN or Inf (the eps-network's loss "
+                             "gradient, or the classifier's guidance); purify(check_finite=False) skips this check")
+
+        def drift(k, t, state):
+            where = f"at step {k} (t = {t:.4g}, states up to |x| = {float(state.abs().max()):.3g})"
+            if not torch.isfinite(state).all():
+                raise ValueError(f"noise: the state overflowed to NaN/Inf {where} with finite network outputs "
+                                 "before it; check dt, lam and the noise (purify(check_finite=False) skips this check)")
+            score, guidance = nets.drift_terms(state, t, lam)
+            if not torch.isfinite(score).all():
+                raise ValueError(f"score_model: returned NaN or Inf {where}; purify(check_finite=False) skips this check")
+            if guidance is not None and not torch.isfinite(guidance).all():
+                raise ValueError(f"classifier: its confidence gradient is NaN or Inf {where} (NaN/Inf logits, or an "
+                                 "overflow in its backward); purify(check_finite=False) skips this check")
+            return score, guidance
+
+        with torch.no_grad():
+            out = solve(x, self.config, self.stream, drift)
+        where = "in the last step" if not torch.isfinite(out).all() else "on the first run only (a rerun was finite)"
+        raise ValueError(f"noise: the purified state is NaN/Inf {where}; check dt, lam and the noise, and that the "
+                         "networks are deterministic (purify(check_finite=False) skips this check)")
+
+    def gradient(self, grad):
+        raise ValueError("gradient: the backward pass gave NaN or Inf while the purification itself was finite: a "
+                         "network's derivative is not finite (the score model's Jacobian, or the classifier's first "
+                         "or second derivative in the guidance term); purify(check_finite=False) skips this check")

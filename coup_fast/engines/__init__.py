@@ -2,11 +2,12 @@
 
 An engine has `solve(x, score_model, classifier, config, stream, gradient, memory)` (start state ->
 final state, differentiable in x as `gradient` asks; None when it cannot run these models, and the
-eager engine runs instead), `unsupported(x, noise, gradient)` (why it cannot run a call, or None) and
+eager engine runs instead), `unsupported(x, noise, gradient, samples)` (why it cannot run a call, or None) and
 `clear()` (drop its caches).  Adding one is a module here and a line in ENGINES.
 """
 from __future__ import annotations
 
+from ..solver import LM_MODE
 from . import compiled, eager, graph, torchsde
 
 ENGINES = {"eager": eager.ENGINE, "graph": graph.ENGINE, "compile": compiled.ENGINE}
@@ -19,13 +20,18 @@ def check_engine(engine):
         raise ValueError(f"engine: expected one of {CHOICES}, got {engine!r}")
 
 
-def select(engine: str, x, noise=None, gradient: str = "exact"):
+def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1, mode: str = "coup"):
     """The engine that runs this call: 'auto' is the graph engine where it can run (CUDA tensors, no
     explicit noise), else eager; 'graph' the same, warning once when it cannot; the published attack
-    always runs in torchsde."""
+    always runs in torchsde, and mode 'likelihood-max' eagerly (its M optimizer steps are not the SDE
+    loop the graph and compile engines capture)."""
     check_engine(engine)
+    if mode == LM_MODE:
+        if engine in ("graph", "compile"):
+            ENGINES["graph"].warn_once(f"coup_fast: engine={engine!r} runs the eager engine for mode {LM_MODE!r}")
+        return ENGINES["eager"]
     if engine in ("auto", "graph"):
-        reason = ENGINES["graph"].unsupported(x, noise, gradient)
+        reason = ENGINES["graph"].unsupported(x, noise, gradient, samples)
         if reason is None:
             return ENGINES["graph"]
         if engine == "graph":

@@ -164,7 +164,7 @@ class CompileEngine:
         self.max_size = max_size
         self._cache: dict = {}  # (id(score), id(classifier)) -> (score, classifier, CompiledNetworks)
 
-    def unsupported(self, x, noise=None, gradient="exact") -> str | None:
+    def unsupported(self, x, noise=None, gradient="exact", samples=1) -> str | None:
         return None
 
     def networks(self, score_model, classifier) -> CompiledNetworks:

@@ -310,7 +310,7 @@ class GraphEngine:
         self.cache = cache if cache is not None else GraphCache()  # (an empty cache is falsy)
         self._warned: set = set()
 
-    def unsupported(self, x, noise=None, gradient="exact") -> str | None:
+    def unsupported(self, x, noise=None, gradient="exact", samples=1) -> str | None:
         """Why this engine cannot run the call, or None."""
         if not x.is_cuda:
             return f"x is on {x.device}; CUDA graphs need CUDA tensors"
@@ -318,6 +318,8 @@ class GraphEngine:
             return "an explicit `noise` tensor was given (the graph draws counter-based noise itself)"
         if gradient == "adjoint":
             return "gradient='adjoint' runs torchsde's adjoint"
+        if samples > 1:
+            return "samples > 1 (a captured graph reads one seed)"
         return None
 
     def warn_once(self, message: str):

@@ -195,12 +195,17 @@ class TorchsdeEngine:
 
     name = "torchsde"
 
-    def unsupported(self, x, noise=None, gradient="exact") -> str | None:
+    def unsupported(self, x, noise=None, gradient="exact", samples=1) -> str | None:
         return None if gradient == "adjoint" else "it runs the published attack (gradient='adjoint') only"
 
     def solve(self, x, score_model, classifier, config, stream, gradient="adjoint", memory="lean"):
-        return solve_published(x, score_model, classifier, config, noise=stream.step_draws(), seed=stream.seed,
-                               adjoint=x.requires_grad)
+        draws = stream.step_draws()
+        if draws is not None or len(stream.seeds) == 1:
+            return solve_published(x, score_model, classifier, config, noise=draws, seed=stream.seed,
+                                   adjoint=x.requires_grad)
+        # K samples: one BrownianInterval each, as K separate calls draw them
+        return torch.cat([solve_published(part, score_model, classifier, config, seed=seed, adjoint=x.requires_grad)
+                          for part, seed in zip(x.chunk(len(stream.seeds)), stream.seeds)])
 
     def clear(self):
         pass
