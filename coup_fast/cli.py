@@ -22,20 +22,28 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from . import data, plan
-from .attacks import ATTACKS, NORMS, AttackSettings
+from ._files import atomic_write_text
+from .attacks import ATTACKS, NORMS, OWN_GRADIENT, AttackSettings, is_randomized
 from .engines import CHOICES as ENGINES
-from .evaluate import ATTACK_GRADIENTS, DEFENSES, Defense, build_defense, evaluate
-from .models import digits, ncsnpp, wideresnet
+from .evaluate import (ATTACK_GRADIENTS, DEFENSES, DIAG_ITER, LM_DEFENSES, OUTPUT_FILES, SDE_DEFENSES, Defense,
+                       build_defense, evaluate, solve_steps)
+from .lm import RULES as LM_RULES
+from .lm import LMConfig, index_eps_model
+from .models import ddpm, digits, ncsnpp, wideresnet
+from .paper import check_out_dir
 from .paper.cli import register as register_paper
+from .purify import MAX_STEPS
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid
+from .solver import LM_MODE
 
 DATASETS = ("digits", "cifar10", "cifar100")
 SUBSETS = ("paper", "seeded")  # coup_fast.data.load_cifar's subsets: DiffPure's numpy choice, or a torch permutation
 LAYOUTS = ("robustbench", "diffpure", "dm")  # coup_fast.models.wideresnet.load_wideresnet's layouts
 
-# Defaults per data set.  Digits: sized to finish in < 10 min on 2 shared CPU cores: 32 seeded
-# test images in one batch, dt = 0.02 (5 Euler steps over t* = 0.1 instead of the paper's 100),
-# APGD 5 iterations, EOT 2 for AutoAttack 'rand', R = 4 purifications of each final batch.
+# Defaults per data set.  Digits: sized to finish in < 10 min on 2 shared CPU cores (about 3 min): 32 seeded
+# test images in one batch, dt = 0.02 (5 Euler steps over t* = 0.1 instead of the paper's 100), every purifier
+# attacked with each gradient that applies to it (the worst case over them is the headline), APGD 5 iterations,
+# PGD-EOT 10 x EOT 4, EOT 2 for AutoAttack 'rand', R = 10 purifications of each candidate.
 # eps: the digits are 8x8 in [0, 1] with 17 grey levels (steps of 1/16); APGD-CE (20 it.) on the
 # shipped bare classifier (99.3 % clean, 300 test images) leaves 98 / 92 / 60 / 16 / 1 % at L-inf eps
 # 0.03 / 0.05 / 0.1 / 0.15 / 0.2, and 92 / 64 / 2 % at L2 eps 0.25 / 0.5 / 1.0.  L-inf 0.15 (about
@@ -43,25 +51,52 @@ LAYOUTS = ("robustbench", "diffpure", "dm")  # coup_fast.models.wideresnet.load_
 # CIFAR-10: the paper's protocol as its official code runs it (Sec. 5.1; DiffPure's settings): the 512
 # test images np.random.RandomState(0).choice(10000, 512, replace=False), t* = 0.1 for L-inf and 0.075
 # for L2, lam = 1, dt = 1e-3, full AutoAttack budgets (standard and rand, EOT 20), BPDA+EOT (PGD-20), and
-# every purifier attacked both with the exact gradient and with the published one ('@adjoint').
-# CIFAR-100: Sec. 5.2.1's setting (APGD-CE, L-inf 8/255, 100-class WideResNets), same subset rule.
-_PAPER_DEFENSES = ["none", "diffpure", "diffpure@adjoint", "reverse", "coup", "coup@adjoint"]
+# every purifier attacked with the exact gradient, the published one ('@adjoint') and, for COUP, the
+# detached guidance of its code.
+# CIFAR-100: Sec. 5.2.1's setting: the DDPM variant, likelihood maximization without ('lm') and with ('coup-lm')
+# guidance, APGD-CE, L-inf 8/255, 100-class WideResNets, same subset rule (needs --ddpm-ckpt).
+# The detached-guidance gradient is the exact one when there is no guidance (diffpure, reverse, lm): not listed.
+_DIGITS_DEFENSES = ["none", "diffpure", "diffpure@adjoint", "diffpure@bpda", "reverse", "reverse@adjoint",
+                    "reverse@bpda", "coup", "coup@detached-guidance", "coup@adjoint", "coup@bpda", "lm", "lm@bpda",
+                    "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"]
+_PAPER_DEFENSES = ["none", "diffpure", "diffpure@adjoint", "reverse", "coup", "coup@detached-guidance",
+                   "coup@adjoint"]
 PRESETS = {
     "digits": dict(n_images=32, batch_size=32, eps_linf=0.15, eps_l2=1.0, t_star_linf=0.1, t_star_l2=0.1, dt=2e-2,
-                   n_iter=5, eot=2, pgd_iter=10, pgd_eot=2, bpda_iter=20, bpda_eot=2, fab_iter=10,
-                   square_queries=100, n_eval=4, threads=1,
-                   defenses=["none", "diffpure", "reverse", "coup", "coup@detached-guidance"],
-                   attacks=["apgd-ce", "aa-rand"], threats=["Linf"]),
+                   n_iter=5, eot=2, pgd_iter=10, pgd_eot=4, bpda_iter=20, bpda_eot=4, fab_iter=10,
+                   square_queries=100, n_eval=10, threads=1, pgd_random_start=True, defenses=_DIGITS_DEFENSES,
+                   attacks=["apgd-ce", "aa-rand", "pgd-eot"], threats=["Linf"]),
     "cifar10": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075, dt=1e-3,
                     n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
-                    square_queries=5000, n_eval=4, defenses=_PAPER_DEFENSES, attacks=["aa", "apgd-ce", "bpda-eot"],
-                    threats=["Linf", "L2"]),
+                    square_queries=5000, n_eval=10, pgd_random_start=True, defenses=_PAPER_DEFENSES,
+                    attacks=["aa", "apgd-ce", "bpda-eot"], threats=["Linf", "L2"]),
     "cifar100": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075,
                      dt=1e-3, n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
-                     square_queries=5000, n_eval=4, defenses=["none", "reverse", "coup", "coup@adjoint"],
+                     square_queries=5000, n_eval=10, pgd_random_start=True,
+                     defenses=["none", "lm", "lm@bpda", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"],
                      attacks=["apgd-ce"], threats=["Linf"]),
 }
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+# Attack budgets of the literature, applied in the order given (--protocol a,b: b wins where both set a value),
+# over the data set's preset; flags and config values win over both.  Steps are relative to eps (scaled with it).
+PROTOCOLS = {
+    "lee-kim": ("Lee & Kim 2023, 'Robust evaluation of diffusion-based adversarial purification' (ICCV): PGD-EOT "
+                "200 iterations x EOT 20 through the full (exact) gradient, step 0.007 at L-inf 8/255",
+                dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=20, pgd_step_scale=0.007 / (8 / 255),
+                     pgd_random_start=True)),
+    "rdc": ("Chen et al. 2024, 'Robust classification via a single diffusion model' (RDC, ICML): BIM (PGD from the "
+            "clean image, Kurakin et al. 2017) 200 iterations x EOT 32 through the exact gradient; step 1/255 at "
+            "8/255 (Kurakin et al.'s; RDC states iterations and EOT)",
+            dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=32, pgd_step_scale=1 / 8, pgd_random_start=False)),
+    "diffhammer-n10": ("Wang et al. 2024, 'DiffHammer: rethinking the robustness of diffusion-based adversarial "
+                       "purification' (NeurIPS): N = 10 resubmissions, Avg and Worst-of-N robustness (R = 10)",
+                       dict(n_eval=10)),
+    "paper": ("arXiv 2408.05900 (COUP), Sec. 5.1-5.2: AutoAttack standard and rand (EOT 20), worse of the two per "
+              "image; BPDA+EOT PGD-20, step 0.007 at L-inf 8/255",
+              dict(attacks=["aa", "bpda-eot"], n_iter=100, eot=20, fab_iter=100, square_queries=5000, bpda_iter=20,
+                   bpda_eot=20)),
+}
 
 
 class ConfigError(ValueError):
@@ -77,11 +112,17 @@ def _setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _protocols_help() -> str:
+    return "; ".join(f"'{name}': {source}" for name, (source, _) in PROTOCOLS.items())
+
+
 @dataclass
 class EvalConfig:
-    """Settings of `coup-fast eval`.  None means: the data set's preset (PRESETS)."""
+    """Settings of `coup-fast eval`.  None means: the protocols' value, else the data set's preset (PRESETS)."""
 
     data: str = _setting("digits", f"data set and preset, one of {DATASETS}")
+    protocol: list | None = _setting(None, "comma list of attack protocols of the literature, applied in order over "
+                                           "the preset (flags still win): " + _protocols_help())
     n_images: int | None = _setting(None, "evaluation images (the data set's subset; digits 32, CIFAR 512)")
     subset: str = _setting("paper", f"CIFAR image subset, one of {SUBSETS}: 'paper' = DiffPure's and COUP's "
                                     "np.random.RandomState(seed).choice(10000, n, replace=False); 'seeded' = a torch "
@@ -90,7 +131,9 @@ class EvalConfig:
     seed: int = _setting(0, "seed of the image subset and of every batch's attack and purification noise")
     defenses: list | None = _setting(None, "comma list of defenses " + str(DEFENSES) + ", each optionally "
                                            "@gradient, the attacker's gradient " + str(ATTACK_GRADIENTS) + "; "
-                                           "'@adjoint' is the published COUP / DiffPure attack")
+                                           "'@adjoint' is the published COUP / DiffPure attack (SDE defenses only); "
+                                           "each defense also gets a row 'NAME: worst case', per image the worst over "
+                                           "its rows' attacks x gradients")
     attacks: list | None = _setting(None, f"comma list of attacks {ATTACKS}")
     threats: list | None = _setting(None, f"comma list of threat models {NORMS}")
     eps_linf: float | None = _setting(None, "L-inf radius in [0, 1] pixel units (digits 0.15, CIFAR 8/255)")
@@ -98,33 +141,54 @@ class EvalConfig:
     t_star: float | None = _setting(None, "purification time t*, overriding both per-threat values below")
     t_star_linf: float | None = _setting(None, "t* under L-inf (paper: 0.1)")
     t_star_l2: float | None = _setting(None, "t* under L2 (paper: 0.075)")
-    lam: float = _setting(1.0, "guidance weight lambda of COUP (paper: 1)")
-    dt: float | None = _setting(None, "Euler-Maruyama step; N = t*/dt steps (digits 0.02, CIFAR 1e-3)")
+    lam: float = _setting(1.0, "guidance weight lambda of COUP and COUP-LM (paper: 1)")
+    dt: float | None = _setting(None, f"Euler-Maruyama step; N = t*/dt steps, at most {MAX_STEPS:,} (digits 0.02, "
+                                      "CIFAR 1e-3)")
     diffusion: str = _setting("ddpm", "DiffPure's forward diffusion: 'ddpm' (its code's discrete schedule) or 'vp' "
                                       "(the continuous marginal)")
+    lm_steps: int = _setting(5, "lm / coup-lm: M, the likelihood-maximization steps (Chen et al. 2023: 5)")
+    lm_lr: float = _setting(0.1, "lm / coup-lm: learning rate of the LM steps (Chen et al.: 0.1)")
+    lm_rule: str = _setting("adam", f"lm / coup-lm: step rule, one of {LM_RULES} (Chen et al.: Adam)")
     gradient: str = _setting("exact", f"attacker gradient of defenses given without @gradient, one of {ATTACK_GRADIENTS}")
     engine: str = _setting("auto", f"purify's engine, one of {ENGINES} ('compile': torch.compile'd steps, the CPU's "
                                    "fast path); not in the resume hash, engines agree to round-off")
     n_iter: int | None = _setting(None, "APGD iterations, in apgd-ce and inside AutoAttack (paper: 100)")
     eot: int | None = _setting(None, "EOT draws per gradient of AutoAttack 'rand' (paper: 20)")
+    apgd_eot: int = _setting(1, "EOT draws per gradient of the apgd-ce attack (AutoAttack's APGD-CE: 1)")
     n_restarts: int = _setting(1, "APGD restarts")
     n_target_classes: int = _setting(9, "target classes of APGD-T and FAB-T in AutoAttack 'standard'")
     fab_iter: int | None = _setting(None, "FAB-T iterations (AutoAttack 'standard')")
     square_queries: int | None = _setting(None, "Square queries (AutoAttack 'standard')")
     pgd_iter: int | None = _setting(None, "pgd-eot iterations")
-    pgd_step: float | None = _setting(None, "pgd-eot step (default 2.5 eps / iterations)")
+    pgd_step: float | None = _setting(None, "pgd-eot step (default: the protocol's, scaled with eps; else 2.5 eps / "
+                                            "iterations)")
+    pgd_step_scale: float | None = _setting(None, "pgd-eot step relative to eps (lee-kim: 0.007 / (8/255))")
     pgd_eot: int | None = _setting(None, "pgd-eot EOT draws per gradient")
+    pgd_random_start: bool | None = _setting(None, "pgd-eot starts at a random point of the ball (--no-pgd-random-start: "
+                                                   "BIM, from the clean image)")
     bpda_iter: int | None = _setting(None, "bpda-eot iterations (paper: PGD-20)")
     bpda_step: float | None = _setting(None, "bpda-eot step (default 0.007 at L-inf 8/255, scaled with eps)")
     bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
-    n_eval: int | None = _setting(None, "R: purifications of each final adversarial batch (mean and worst case)")
-    out: str = _setting("coup_fast_eval", "output directory: per-batch results (resume), results.json/.md/.csv")
-    device: str = _setting("auto", "torch device (auto: this rank's GPU if there is one, else cpu)")
+    eot_chunk: int | None = _setting(None, "EOT and evaluation samples per batched purify call (default: all K at "
+                                           "once, a batch of K x batch-size; lower it when that does not fit in "
+                                           "memory; 1 = sequential calls)")
+    n_eval: int | None = _setting(None, "R: purifications of each adversarial candidate (Avg and Worst-of-R; "
+                                        "digits and CIFAR 10)")
+    diagnostics: bool = _setting(True, "gradient-masking checks on the first --diag-images images (--no-diagnostics "
+                                       "skips them)")
+    diag_images: int = _setting(8, "images of the gradient-masking checks")
+    diag_draws: int = _setting(8, "EOT draws of the gradient-consistency check")
+    out: str = _setting("coup_fast_eval", "output directory: per-batch results (resume), results.json/.md/.csv, "
+                                          "samples.csv (per-image verdicts)")
+    device: str = _setting("auto", "torch device: cpu, cuda, cuda:i (auto: this rank's GPU if there is one, else cpu)")
     threads: int | None = _setting(None, "torch CPU threads (digits: 1, the tiny nets run fastest so on a shared "
                                          "machine; otherwise the cores divided by torchrun's local ranks)")
     cifar_dir: str | None = _setting(None, "CIFAR python-version directory or .tar.gz (coup_fast.data.load_cifar)")
     score_ckpt: str | None = _setting(None, "Score SDE NCSN++ checkpoint: checkpoint_8.pth, a {'model', 'ema'} dict "
-                                            "or .safetensors (coup_fast.models.load_ncsnpp)")
+                                            "or .safetensors (coup_fast.models.load_ncsnpp); CIFAR with an SDE defense")
+    ddpm_ckpt: str | None = _setting(None, "DDPM eps-network checkpoint (Ho et al.'s layout, coup_fast.models.load_ddpm) "
+                                           "of the lm / coup-lm defenses on CIFAR; digits use the shipped score model "
+                                           "through coup_fast.lm.index_eps_model")
     classifier_ckpt: str | None = _setting(None, "WideResNet checkpoint (coup_fast.models.load_wideresnet)")
     classifier_layout: str | None = _setting(None, f"the checkpoint's WideResNet layout, one of {LAYOUTS} (default: "
                                                    "detected from its keys; see load_wideresnet)")
@@ -136,10 +200,21 @@ class EvalConfig:
     progress: bool = _setting(True, "progress bars (--no-progress turns them off)")
 
     def resolved(self) -> "EvalConfig":
-        """A copy with the data set's preset filled in for every None field."""
-        if self.data not in DATASETS:
+        """A copy with the protocols' values, then the data set's preset, filled in for every None field."""
+        if not isinstance(self.data, str) or self.data not in DATASETS:
             raise ConfigError("data", f"expected one of {DATASETS}, got {self.data!r}")
         cfg = dataclasses.replace(self)
+        if cfg.protocol is not None:
+            _as_list(cfg, "protocol")
+            unknown = [p for p in cfg.protocol if p not in PROTOCOLS]
+            if unknown:
+                raise ConfigError("protocol", f"unknown protocol {unknown[0]!r}; expected some of {tuple(PROTOCOLS)}")
+            chosen = {}
+            for name in cfg.protocol:
+                chosen.update(PROTOCOLS[name][1])
+            for name, value in chosen.items():
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, list(value) if isinstance(value, list) else value)
         for name, value in PRESETS[self.data].items():
             if getattr(cfg, name) is None:
                 setattr(cfg, name, list(value) if isinstance(value, list) else value)
@@ -154,11 +229,43 @@ class EvalConfig:
         names = {f.name for f in fields(AttackSettings)}
         return AttackSettings(**{k: getattr(self, k) for k in names})
 
+    def lm_config(self) -> LMConfig:
+        return LMConfig(n_steps=self.lm_steps, lr=self.lm_lr, rule=self.lm_rule)
 
-_POSITIVE_INT = ("n_images", "batch_size", "n_iter", "eot", "n_restarts", "n_target_classes", "fab_iter", "square_queries",
-                 "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen", "threads")
-_CHOICES = {"subset": SUBSETS, "diffusion": DIFFUSION_SCHEDULES, "gradient": ATTACK_GRADIENTS, "engine": ENGINES}
-_POSITIVE_FLOAT = ("eps_linf", "eps_l2", "t_star_linf", "t_star_l2", "dt", "bpda_step", "pgd_step")
+    def defense_names(self) -> set:
+        return {str(spec).partition("@")[0] for spec in self.defenses}
+
+
+_POSITIVE_INT = ("n_images", "batch_size", "n_iter", "eot", "apgd_eot", "n_restarts", "n_target_classes", "fab_iter",
+                 "square_queries", "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen",
+                 "threads", "lm_steps", "diag_images", "diag_draws", "eot_chunk")
+_CHOICES = {"subset": SUBSETS, "diffusion": DIFFUSION_SCHEDULES, "gradient": ATTACK_GRADIENTS, "engine": ENGINES,
+            "lm_rule": LM_RULES}
+_POSITIVE_FLOAT = ("eps_linf", "eps_l2", "t_star_linf", "t_star_l2", "dt", "bpda_step", "pgd_step", "pgd_step_scale",
+                   "lm_lr")
+_OPTIONAL = ("pgd_step", "bpda_step", "pgd_step_scale", "eot_chunk")  # None: the attack's own default
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_types(cfg: EvalConfig) -> None:
+    """Every field has its declared type (a config file can hold anything): ConfigError naming the first that does not."""
+    for f in fields(EvalConfig):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("list"):
+            continue  # _as_list checks lists and their items
+        if kind.startswith("bool"):
+            ok, what = isinstance(value, bool), "true or false"
+        elif kind.startswith("int"):
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a number"
+        else:
+            ok, what = isinstance(value, str) and value != "", "a non-empty string"
+        if not ok:
+            raise ConfigError(f.name, f"expected {what}, got {value!r} ({type(value).__name__})")
 
 
 def _as_list(cfg, name):
@@ -167,14 +274,18 @@ def _as_list(cfg, name):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(name, f"expected a non-empty list, got {value!r}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(name, f"expected a list of names, got {list(value)!r} ({bad[0]!r} is a {type(bad[0]).__name__})")
     setattr(cfg, name, list(value))
 
 
 def validate(cfg: EvalConfig) -> EvalConfig:
-    """Resolve presets and check every field; raise ConfigError naming the first bad one."""
+    """Resolve protocols and presets and check every field; raise ConfigError naming the first bad one."""
     cfg = cfg.resolved()
     for name in ("defenses", "attacks", "threats"):
         _as_list(cfg, name)
+    _check_types(cfg)
     for a in cfg.attacks:
         if a not in ATTACKS:
             raise ConfigError("attacks", f"unknown attack {a!r}; expected one of {ATTACKS}")
@@ -196,11 +307,13 @@ def validate(cfg: EvalConfig) -> EvalConfig:
         raise ConfigError("defenses", f"listed twice: {cfg.defenses} are the rows {labels}")
     for name in _POSITIVE_INT:
         v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(name, f"expected an integer > 0, got {v!r}")
     for name in _POSITIVE_FLOAT:
         v = getattr(cfg, name)
-        if v is None and name in ("pgd_step", "bpda_step"):
+        if v is None and name in _OPTIONAL:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(name, f"expected a number > 0, got {v!r}")
@@ -209,35 +322,75 @@ def validate(cfg: EvalConfig) -> EvalConfig:
             raise ConfigError(name, f"expected t* in (0, 1], got {getattr(cfg, name)!r}")
         if cfg.dt > getattr(cfg, name):
             raise ConfigError("dt", f"expected dt <= {name} = {getattr(cfg, name)}, got {cfg.dt!r}")
-    if not (isinstance(cfg.lam, (int, float)) and math.isfinite(cfg.lam) and cfg.lam >= 0):
+        n_steps = ReverseGrid.from_dt(getattr(cfg, name), cfg.dt).n_steps
+        if n_steps > MAX_STEPS and cfg.defense_names() & set(SDE_DEFENSES):
+            raise ConfigError("dt", f"{name}/dt = {getattr(cfg, name)}/{cfg.dt} means N = {n_steps:,} steps per "
+                                    f"purification, above the limit of {MAX_STEPS:,}")
+    if not (isinstance(cfg.lam, (int, float)) and not isinstance(cfg.lam, bool) and math.isfinite(cfg.lam)
+            and cfg.lam >= 0):
         raise ConfigError("lam", f"expected a finite number >= 0, got {cfg.lam!r}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError("seed", f"expected an integer, got {cfg.seed!r}")
+    try:
+        cfg.lm_config()
+    except ValueError as e:
+        raise ConfigError("lm_" + str(e).split(":")[0].replace("n_steps", "steps"), str(e).partition(": ")[2]) from None
     if cfg.device != "auto":
         try:
             device = torch.device(cfg.device)
         except RuntimeError:
             raise ConfigError("device", f"not a torch device: {cfg.device!r}") from None
+        if device.type not in DEVICE_TYPES:
+            raise ConfigError("device", f"{cfg.device!r}: evaluation runs on {' or '.join(DEVICE_TYPES)} (or auto)"
+                              + ("; a meta tensor has no values to purify" if device.type == "meta" else ""))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", f"{cfg.device!r}: this machine has no CUDA device (use cpu or auto)")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ConfigError("device", f"{cfg.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    names = cfg.defense_names()
     if cfg.data != "digits":
-        for name in ("cifar_dir", "score_ckpt", "classifier_ckpt"):
+        needed = {"cifar_dir": True, "classifier_ckpt": True, "score_ckpt": bool(names & set(SDE_DEFENSES)),
+                  "ddpm_ckpt": bool(names & set(LM_DEFENSES))}
+        for name, need in needed.items():
             p = getattr(cfg, name)
-            if p is None:
-                raise ConfigError(name, f"required with data = {cfg.data}")
-            if not os.path.exists(p):
+            if p is None and need:
+                what = {"score_ckpt": " and an SDE defense (diffpure, reverse, coup)",
+                        "ddpm_ckpt": " and an lm / coup-lm defense"}.get(name, "")
+                raise ConfigError(name, f"required with data = {cfg.data}{what}")
+            if p is not None and not need:
+                raise ConfigError(name, f"unused: no defense of {sorted(names)} needs it")
+            if p is not None and not os.path.exists(p):
                 raise ConfigError(name, f"no such file or directory: {p!r}")
         if cfg.weights_dir is not None:
             raise ConfigError("weights_dir", f"only used with data = digits (data is {cfg.data!r})")
     else:
         if cfg.weights_dir is not None and not os.path.isdir(cfg.weights_dir):
             raise ConfigError("weights_dir", f"no such directory: {cfg.weights_dir!r}")
-        for name in ("cifar_dir", "score_ckpt", "classifier_ckpt", "classifier_layout"):
+        for name in ("cifar_dir", "score_ckpt", "ddpm_ckpt", "classifier_ckpt", "classifier_layout"):
             if getattr(cfg, name) is not None:
                 raise ConfigError(name, f"only used with CIFAR data (data is {cfg.data!r})")
     return cfg
+
+
+def check_out(cfg: EvalConfig, create: bool) -> None:
+    """--out must be a directory we can write, checked before any work.  create=False (first, before anything is
+    loaded; and for a dry run, which writes nothing): the path is not taken by a file and its nearest existing
+    folder is writable.  create=True (after loading, before computing): coup_fast.paper.check_out_dir creates it and
+    writes a probe file, which also catches a read-only file system where root passes os.access."""
+    files = (*OUTPUT_FILES, "config.json")
+    try:
+        if create:
+            check_out_dir(cfg.out, files, arg="out")
+            return
+        if os.path.lexists(cfg.out) and not os.path.isdir(cfg.out):
+            raise ValueError(f"out {cfg.out!r}: exists and is not a directory")
+        parent = os.path.abspath(cfg.out)
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"out {cfg.out!r}: {parent!r} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"out {cfg.out!r}: {parent!r} is not writable")
+    except ValueError as e:
+        raise ConfigError("out", str(e).removeprefix("out ")) from None
 
 
 def read_config_file(path: str) -> dict:
@@ -295,21 +448,33 @@ def _local_cuda_index() -> int:
 
 
 def load_everything(cfg: EvalConfig, device):
-    """(score_model, classifier, x, y); checkpoint problems become ConfigErrors naming the field."""
+    """(score_model, eps_model, classifier, x, y); checkpoint problems become ConfigErrors naming the field.
+
+    score_model: the SDE defenses' score (None when none is evaluated on CIFAR); eps_model: the LM defenses'
+    eps-network on the DDPM index (digits: the shipped score model through coup_fast.lm.index_eps_model)."""
+    names = cfg.defense_names()
+    score_model = eps_model = None
     if cfg.data == "digits":
         try:
             score_model, classifier = digits.load_digits_models(device=device, weights_dir=cfg.weights_dir)
         except Exception as e:
             raise ConfigError("weights_dir", f"cannot load the digits models from {cfg.weights_dir or 'the shipped weights'}: {e}") from None
+        eps_model = index_eps_model(score_model)
         try:
             x, y = data.load_digits("test", n=cfg.n_images, seed=cfg.seed)
         except ValueError as e:
             raise ConfigError("n_images", str(e).removeprefix("n_images: ")) from None
     else:
-        try:
-            score_model = ncsnpp.load_ncsnpp(cfg.score_ckpt, device=device)
-        except Exception as e:
-            raise ConfigError("score_ckpt", f"cannot load {cfg.score_ckpt!r} as the NCSN++ score model: {e}") from None
+        if names & set(SDE_DEFENSES):
+            try:
+                score_model = ncsnpp.load_ncsnpp(cfg.score_ckpt, device=device)
+            except Exception as e:
+                raise ConfigError("score_ckpt", f"cannot load {cfg.score_ckpt!r} as the NCSN++ score model: {e}") from None
+        if names & set(LM_DEFENSES):
+            try:
+                eps_model = ddpm.load_ddpm(cfg.ddpm_ckpt, device=device)
+            except Exception as e:
+                raise ConfigError("ddpm_ckpt", f"cannot load {cfg.ddpm_ckpt!r} as the DDPM U-Net: {e}") from None
         try:
             classifier = wideresnet.load_wideresnet(cfg.classifier_ckpt, cfg.wrn_depth, cfg.wrn_widen, device=device,
                                          layout=cfg.classifier_layout, num_classes=NUM_CLASSES[cfg.data])
@@ -322,28 +487,34 @@ def load_everything(cfg: EvalConfig, device):
             raise ConfigError("cifar_dir", str(e)) from None
         if cfg.n_images > x.shape[0]:
             raise ConfigError("n_images", f"the test split has {x.shape[0]} images, got {cfg.n_images}")
-        for m in (score_model, classifier):
-            m.to(device).eval().requires_grad_(False)
+        for m in (score_model, eps_model, classifier):
+            if m is not None:
+                m.to(device).eval().requires_grad_(False)
     x, y = x.to(device), y.to(device)
-    check_shapes(cfg, score_model, classifier, x)
-    return score_model, classifier, x, y
+    check_shapes(cfg, score_model, eps_model, classifier, x)
+    return score_model, eps_model, classifier, x, y
 
 
-def check_shapes(cfg: EvalConfig, score_model, classifier, x):
-    """One image through each network: the score has the image's shape, the logits one entry per class."""
+def check_shapes(cfg: EvalConfig, score_model, eps_model, classifier, x):
+    """One image through each network: the score and eps have the image's shape, the logits one entry per class."""
     with torch.no_grad():
         probe = x[:1]
         logits = classifier(probe)
-        score = score_model(probe * 2 - 1, torch.full((1,), 0.05, dtype=x.dtype, device=x.device))
+        score = None if score_model is None else score_model(probe * 2 - 1, torch.full((1,), 0.05, dtype=x.dtype,
+                                                                                        device=x.device))
+        eps = None if eps_model is None else eps_model(probe * 2 - 1, torch.full((1,), 100, device=x.device))
     if tuple(logits.shape) != (1, NUM_CLASSES[cfg.data]):
         raise ConfigError("classifier_ckpt", f"the classifier gives logits of shape {tuple(logits.shape)} for one image; "
                                              f"{cfg.data} has {NUM_CLASSES[cfg.data]} classes")
-    if tuple(score.shape) != tuple(probe.shape):
+    if score is not None and tuple(score.shape) != tuple(probe.shape):
         raise ConfigError("score_ckpt", f"the score model maps an image of shape {tuple(probe.shape)} to "
                                         f"{tuple(score.shape)}")
+    if eps is not None and tuple(eps.shape) != tuple(probe.shape):
+        raise ConfigError("ddpm_ckpt", f"the eps-network maps an image of shape {tuple(probe.shape)} to "
+                                       f"{tuple(eps.shape)}")
 
 
-def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
+def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None) -> tuple[dict, dict]:
     """{label: {threat: model}} and the specs they stand for (folded into the resume hash)."""
     t_star = {"Linf": cfg.t_star_linf, "L2": cfg.t_star_l2}
     models, specs = {}, {}
@@ -351,10 +522,17 @@ def build_models(cfg: EvalConfig, score_model, classifier) -> tuple[dict, dict]:
         per_threat = {}
         for threat in cfg.threats:
             d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient,
-                              diffusion=cfg.diffusion)
-            per_threat[threat] = build_defense(d, score_model, classifier, engine=cfg.engine)
-            # The bare classifier does not depend on the purifier settings.
-            specs.setdefault(d.label, {})[threat] = {"name": "none"} if d.name == "none" else dataclasses.asdict(d)
+                              diffusion=cfg.diffusion, lm=cfg.lm_config())
+            per_threat[threat] = build_defense(d, score_model, classifier, engine=cfg.engine, eps_model=eps_model)
+            # What each model depends on: the bare classifier on nothing of these, LM not on t*, dt, diffusion.
+            if d.name == "none":
+                what = {"name": "none"}
+            elif d.name in LM_DEFENSES:
+                what = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("t_star", "dt", "diffusion")}
+                what["lam"] = d.lam if d.name == "coup-lm" else 0.0
+            else:
+                what = {k: v for k, v in dataclasses.asdict(d).items() if k != "lm"}
+            specs.setdefault(d.label, {})[threat] = what
         models[d.label] = per_threat
     return models, specs
 
@@ -368,10 +546,12 @@ def add_eval_parser(subparsers):
     p.add_argument("--config", help="TOML or YAML file of settings (field names as below); flags override it")
     for f in fields(EvalConfig):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help=help)
+        if f.name in ("progress", "diagnostics"):  # on by default: the flag turns it off
+            p.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=False, default=None, help=help)
         elif f.type == "bool":
             p.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help)
+        elif f.type == "bool | None":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
             kind = {"int | None": int, "int": int, "float | None": float, "float": float}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=kind, default=None, help=help)
@@ -403,31 +583,42 @@ def _init_distributed(device) -> bool:
 
 def run_eval(args) -> int:
     cfg = validate(config_from_args(args))
+    check_out(cfg, create=False)  # before any work: a run whose results cannot be saved is not worth starting
     device = _device(cfg)
     torch.set_num_threads(cfg.threads)
     started = _init_distributed(device)
     try:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         t0 = time.perf_counter()
-        score_model, classifier, x, y = load_everything(cfg, device)
-        models, specs = build_models(cfg, score_model, classifier)
+        score_model, eps_model, classifier, x, y = load_everything(cfg, device)
+        models, specs = build_models(cfg, score_model, classifier, eps_model)
         if cfg.dry_run:
             if rank == 0:
                 print(dry_run(cfg, models, x, y))
             return 0
+        check_out(cfg, create=True)
+        if rank == 0 and cfg.progress:
+            steps = {label: solve_steps(per_threat[t]) for label, per_threat in models.items() for t in cfg.threats}
+            print(f"coup-fast eval: {cfg.data}, n = {x.shape[0]} images, R = {cfg.n_eval}, {len(models)} defense rows x "
+                  f"{1 + len(cfg.attacks)} columns x {len(cfg.threats)} threat(s); "
+                  + ", ".join(f"{label}: {n}" for label, n in steps.items() if n), file=sys.stderr)
         eps = {"Linf": cfg.eps_linf, "L2": cfg.eps_l2}
         table = evaluate(models, x, y, attacks=cfg.attacks, threats=cfg.threats, eps=eps,
                          settings=cfg.attack_settings(), n_eval=cfg.n_eval, batch_size=cfg.batch_size,
                          seed=cfg.seed, out_dir=cfg.out, tag={"data": cfg.data}, specs=specs,
-                         progress=cfg.progress)
+                         progress=cfg.progress, diagnostics=cfg.diagnostics, diag_images=cfg.diag_images,
+                         diag_draws=cfg.diag_draws)
         if rank == 0:
             wall = time.perf_counter() - t0
             print()
             print(table.to_markdown())
-            print(f"\n{cfg.data}: n = {x.shape[0]}, defenses {len(models)}, attacks {len(cfg.attacks)}, "
-                  f"threats {len(cfg.threats)}; wall {wall:.0f} s; results in {os.path.join(cfg.out, 'results.{json,md,csv}')}")
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=1)
+            print(f"\n{cfg.data}: n = {x.shape[0]}, defense rows {len(models)}, attacks {len(cfg.attacks)}, "
+                  f"threats {len(cfg.threats)}, R = {cfg.n_eval}; wall {wall:.0f} s; results in "
+                  f"{os.path.join(cfg.out, 'results.{json,md,csv}')}, per-image verdicts in "
+                  f"{os.path.join(cfg.out, 'samples.csv')}")
+            for line in table.warnings():
+                print(f"warning: gradient-masking check fired: {line}", file=sys.stderr)
+            atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     finally:
         if started:
             torch.distributed.destroy_process_group()
@@ -438,60 +629,89 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
     """The plan of the run `cfg` describes, with measured step times (coup_fast.plan): returned as text."""
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # Two steps of the whole batch after a warm-up call, except for CIFAR-size networks on a CPU: one step
-    # of two images, no warm-up (seconds per image there, the cost close to linear in the batch, and
-    # first-call costs small beside it)
+    # A few steps of the whole batch after a warm-up call, at each batch the run uses (B x EOT draws, B x R), except
+    # for CIFAR-size networks on a CPU: one step of two images, no warm-up, scaled linearly (seconds per image there,
+    # the cost close to linear in the batch, and first-call costs small beside it)
     small = cfg.data == "digits" or x.is_cuda
     batch = min(cfg.batch_size, x.shape[0]) if small else min(cfg.batch_size, x.shape[0], 2)
     steps = 2 if small else 1
     xb, yb = x[:batch], y[:batch]
-    settings, t_star = cfg.attack_settings(), {"Linf": cfg.t_star_linf, "L2": cfg.t_star_l2}
-    cifar = cfg.data != "digits"
+    settings, cifar = cfg.attack_settings(), cfg.data != "digits"
     lines = [f"coup-fast eval --dry-run: {cfg.data}, {x.shape[0]} images of shape {tuple(x.shape[1:])} on {x.device}, "
-             f"batches of {cfg.batch_size}; every checkpoint loaded strictly and the shapes agree.",
-             f"Step times measured at batch {batch} over {steps} step(s){' after a warm-up' if small else ''}, "
-             f"scaled linearly to the batch and by N; counts are per image and upper bounds (no image is assumed "
-             f"broken early).", "",
-             "| defense | threat | attack | N | purifications / img | gradients / img | this device |"
+             f"batches of {cfg.batch_size}, R = {cfg.n_eval}; every checkpoint loaded strictly and the shapes agree.",
+             f"Step times measured at {batch} image(s) x the draws per batched call, over {steps} step(s)"
+             f"{' after a warm-up' if small else ', scaled linearly in the batch'}, then scaled by N; counts are per "
+             f"image and upper bounds (no image is assumed broken early), EOT draws and R evaluations counted one by one.",
+             "", "| defense | threat | attack | N | purifications / img | gradients / img | this device |"
              + (" H200 (README rates) |" if cifar else ""),
              "|---|---|---|---:|---:|---:|---:|" + ("---:|" if cifar else "")]
     total = h200_total = 0.0
-    measured = {}  # a step costs the same at every t*; guided (COUP) and unguided steps differ
+    measured = {}  # a step costs the same at every t*; guided and unguided steps differ, and LM from SDE steps
+    groups = {label: label.partition("@")[0] for label in models}
+    first = {}
+    for label in models:
+        first.setdefault(groups[label], label)
+
+    def seconds_for(model):
+        purified = hasattr(model, "purify_kwargs")
+        if purified:
+            kw = model.purify_kwargs
+            key = (kw["mode"] == LM_MODE, kw["mode"] in ("coup", LM_MODE) and kw["lam"] > 0)
+        else:
+            key = ("classifier",)
+
+        def lookup(kind, samples):
+            samples = samples if small else 1
+            if (key, kind, samples) not in measured:
+                if purified:
+                    measured[key, kind, samples] = plan.measure_step_seconds(model, xb, yb, [kind], steps, small,
+                                                                             samples)[kind]
+                else:
+                    measured[key, kind, samples] = _classifier_seconds(model, xb, yb, kind, samples)
+            return measured[key, kind, samples]
+        return lookup
+
+    def add_row(label, threat, what, work, n_images, model):
+        nonlocal total, h200_total
+        purified = hasattr(model, "purify_kwargs")
+        gradient = model.purify_kwargs["gradient"] if purified else "exact"
+        n_steps = plan.solver_steps(model) if purified else 1
+        here = plan.estimate(work, n_images, n_steps, seconds_for(model), gradient)
+        total += here
+        row = (f"| {label} | {threat} | {what} | {n_steps} | {work.purifications:.0f} | {work.gradients:.0f} "
+               f"| {plan.hours(here)} |")
+        if cifar and purified and model.purify_kwargs["mode"] != LM_MODE:
+            h200 = plan.estimate(work, n_images, n_steps, plan.H200_CIFAR_STEP_SECONDS, gradient)
+            h200_total += h200
+            row += f" {plan.hours(h200)} |"
+        elif cifar:  # a bare WRN-28-10 (little beside purification) and the DDPM's LM steps were not measured there
+            row += " – |"
+        lines.append(row)
+
+    n_tasks = 0
+    n_batches = -(-x.shape[0] // cfg.batch_size)
+    n_diag = min(cfg.diag_images, x.shape[0])
     for label, per_threat in models.items():
         for threat in cfg.threats:
             model = per_threat[threat]
-            if hasattr(model, "purify_kwargs"):
-                kw = model.purify_kwargs
-                gradient = kw["gradient"]
-                kinds = ["purify"] + ([gradient] if any(a != "bpda-eot" for a in cfg.attacks) else [])
-                guided = kw["mode"] == "coup" and kw["lam"] > 0
-                for kind in kinds:
-                    if (guided, kind) not in measured:
-                        measured[guided, kind] = plan.measure_step_seconds(model, xb, yb, [kind], steps, small)[kind]
-                seconds = {kind: measured[guided, kind] for kind in kinds}
-                n_steps = ReverseGrid.from_dt(t_star[threat], cfg.dt).n_steps
-            else:  # the bare classifier: one "step" is a classifier call
-                gradient, n_steps = "exact", 1
-                if "classifier" not in measured:
-                    measured["classifier"] = _classifier_seconds(model, xb, yb)
-                seconds = measured["classifier"]
+            randomized = is_randomized(model)
             for attack in ["clean", *cfg.attacks]:
-                work = plan.attack_work(attack, settings, cfg.n_eval if hasattr(model, "purify_kwargs") else 1)
-                here = plan.estimate(work, x.shape[0], n_steps, seconds, gradient)
-                total += here
-                row = (f"| {label} | {threat} | {attack} | {n_steps} | {work.purifications:.0f} | {work.gradients:.0f} "
-                       f"| {plan.hours(here)} |")
-                if cifar and hasattr(model, "purify_kwargs"):
-                    h200 = plan.estimate(work, x.shape[0], n_steps, plan.H200_CIFAR_STEP_SECONDS, gradient)
-                    h200_total += h200
-                    row += f" {plan.hours(h200)} |"
-                elif cifar:  # a bare WRN-28-10 was not measured there, and costs little beside purification
-                    row += " – |"
-                lines.append(row)
-    n_tasks = len(models) * len(cfg.threats) * (1 + len(cfg.attacks)) * -(-x.shape[0] // cfg.batch_size)
-    lines += ["", f"Total on this device: {plan.hours(total)} in one process; {n_tasks} (cell, batch) tasks, dealt "
-                  f"round-robin to torchrun's ranks: about {plan.hours(total / world)} with the {world} rank(s) of this "
-                  f"launch, {plan.hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
+                if (attack == "clean" or attack in OWN_GRADIENT) and first[groups[label]] != label:
+                    lines.append(f"| {label} | {threat} | {attack} | | | | shared with {first[groups[label]]} |"
+                                 + (" |" if cifar else ""))
+                    continue
+                n_tasks += n_batches
+                add_row(label, threat, attack, plan.attack_work(attack, settings, cfg.n_eval, randomized),
+                        x.shape[0], model)
+            if cfg.diagnostics:
+                checks = ["large-eps"] + (["consistency"] if randomized and first[groups[label]] == label else [])
+                for check in checks:
+                    n_tasks += 1
+                    work = plan.diagnostics_work(check, settings, cfg.n_eval, cfg.diag_draws, DIAG_ITER, randomized)
+                    add_row(label, threat, f"check {check} ({n_diag} images)", work, n_diag, model)
+    lines += ["", f"Total on this device: {plan.hours(total)} in one process; {n_tasks} tasks, dealt round-robin to "
+                  f"torchrun's ranks: about {plan.hours(total / world)} with the {world} rank(s) of this launch, "
+                  f"{plan.hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
     if cifar:
         lines.append(f"On one H200 (README's measured rates for NCSN++ deep + WRN-28-10 at batch 64: graph engine, "
                      f"TF32; the published adjoint in torchsde fp32): {plan.hours(h200_total)}.")
@@ -499,20 +719,24 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
     return "\n".join(lines)
 
 
-def _classifier_seconds(classifier, x, y) -> dict:
-    """Seconds per image of a classifier forward ('purify') and forward + input gradient ('exact')."""
-    def grad():
-        xr = x.detach().clone().requires_grad_(True)
-        torch.autograd.grad(torch.nn.functional.cross_entropy(classifier(xr), y), xr)
+def _classifier_seconds(classifier, x, y, kind: str, samples: int = 1) -> float:
+    """Seconds per image row of a classifier forward ('purify') or forward + input gradient (any other kind), at
+    batch x.shape[0] x samples."""
+    xs = x.repeat(samples, *[1] * (x.ndim - 1))
+    ys = y.repeat(samples)
 
-    out = {}
-    for kind, fn in (("purify", lambda: classifier(x)), ("exact", grad)):
-        with torch.set_grad_enabled(kind == "exact"):
-            fn()
-            start = time.perf_counter()
-            fn()
-            out[kind] = (time.perf_counter() - start) / x.shape[0]
-    return out
+    def run():
+        if kind == "purify":
+            with torch.no_grad():
+                classifier(xs)
+            return
+        xr = xs.detach().clone().requires_grad_(True)
+        torch.autograd.grad(torch.nn.functional.cross_entropy(classifier(xr), ys), xr)
+
+    run()
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) / xs.shape[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,12 @@
 
 Counts are per image and are upper bounds: every image is assumed to survive every sub-attack, so
 nothing is skipped (AutoAttack only attacks the images still robust; a real run costs less).  A
-"gradient" is one input gradient through the defense (one forward solve and its backward); a
-"purification" is one forward solve.  Times come from a few measured steps of each kind on this
-device, scaled by the step count N and linearly in the batch size.
+"gradient" is one input gradient through the defense for one EOT draw (one forward solve and its
+backward); a "purification" is one forward solve of one draw.  EOT draws and the R evaluations are
+batched (coup_fast.attacks: `samples` draws of B images in one call of B x samples rows), so each
+kind of call is measured at the batch it runs at: a few steps of each kind on this device, scaled by
+the step count N (M for likelihood maximization).  Every candidate an attack returns is re-purified
+R times (coup_fast.attacks.candidate_count).
 """
 from __future__ import annotations
 
@@ -14,62 +17,118 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import AA_VERSIONS, AttackSettings
+from .attacks import AA_VERSIONS, AttackSettings, candidate_count, sample_logits
+from .lm import LMConfig
 from .purify import PurifiedClassifier
+from .sde import ReverseGrid
+from .solver import LM_MODE
 
 # Measured on one NVIDIA H200 (README, commit 3027351): NCSN++ deep + WRN-28-10 at batch 64, N = 10 steps,
 # graph engine with TF32 for purification and the exact gradient, torchsde fp32 for the published adjoint.
 # Seconds per image and per step.
 H200_CIFAR_STEP_SECONDS = {"purify": 1 / (161 * 10), "exact": 1 / (46.4 * 10), "detached-guidance": 1 / (46.4 * 10),
                            "adjoint": 1 / (8.02 * 10), "bpda": 1 / (161 * 10)}
+PURIFY, GRADIENT, BPDA = "purify", "gradient", "bpda"  # GRADIENT: the row's own attacker gradient
 
 
 @dataclass(frozen=True)
 class Work:
-    """Per image: forward solves (evaluations, BPDA's forwards) and input gradients of the defense."""
+    """Per image: solver calls as ((kind, samples per batched call), count) pairs; kind PURIFY, GRADIENT or BPDA."""
 
-    purifications: float = 0.0
-    gradients: float = 0.0
+    calls: tuple = ()
+
+    @classmethod
+    def of(cls, kind: str, count: float, samples: int = 1) -> "Work":
+        return cls((((kind, int(samples)), float(count)),)) if count else cls()
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(self.purifications + other.purifications, self.gradients + other.gradients)
+        merged = dict(self.calls)
+        for key, count in other.calls:
+            merged[key] = merged.get(key, 0.0) + count
+        return Work(tuple(sorted(merged.items())))
+
+    @property
+    def purifications(self) -> float:
+        return sum(c for (kind, _), c in self.calls if kind == PURIFY)
+
+    @property
+    def gradients(self) -> float:
+        return sum(c for (kind, _), c in self.calls if kind != PURIFY)
+
+    def kinds(self) -> set:
+        return {key for key, _ in self.calls}
 
 
-def _apgd(settings: AttackSettings, eot: int = 1, restarts: int | None = None) -> Work:
-    # APGD: one gradient at the start point and one per iteration, each averaged over `eot` draws.
-    return Work(gradients=(settings.n_restarts if restarts is None else restarts) * (settings.n_iter + 1) * eot)
+def _samples(k: int, settings: AttackSettings) -> int:
+    return k if settings.eot_chunk is None else max(1, min(k, settings.eot_chunk))
 
 
-def attack_work(attack: str, settings: AttackSettings, n_eval: int) -> Work:
+def _eot_gradients(count: int, eot: int, settings: AttackSettings, randomized: bool, kind: str = GRADIENT) -> Work:
+    """`count` EOT gradients of `eot` draws each: one batched call per gradient (a deterministic model needs one draw)."""
+    eot = eot if randomized else 1
+    return Work.of(kind, count * eot, _samples(eot, settings))
+
+
+def evaluation_work(n_candidates: int, n_eval: int, settings: AttackSettings, randomized: bool = True) -> Work:
+    """R purifications of each candidate, batched (R = 1 for a deterministic model)."""
+    runs = n_eval if randomized else 1
+    return Work.of(PURIFY, n_candidates * runs, _samples(runs, settings))
+
+
+def attack_work(attack: str, settings: AttackSettings, n_eval: int, randomized: bool = True) -> Work:
     """Upper bound of the work one image costs under `attack` ('clean' included), evaluation included."""
-    evaluation = Work(purifications=n_eval)
     if attack == "clean":
-        return evaluation
-    if attack == "apgd-ce":
-        return _apgd(settings) + evaluation
+        return evaluation_work(1, n_eval, settings, randomized)
+    evaluation = evaluation_work(candidate_count(attack, settings), n_eval, settings, randomized)
+    s = settings
+    if attack == "apgd-ce":  # APGD: one gradient at the start point and one per iteration, on every image
+        return _eot_gradients(s.n_restarts * (s.n_iter + 1), s.apgd_eot, s, randomized) + evaluation
     if attack == "pgd-eot":
-        return Work(gradients=settings.pgd_iter * settings.pgd_eot) + evaluation
+        return _eot_gradients(s.pgd_iter, s.pgd_eot, s, randomized) + evaluation
     if attack == "bpda-eot":  # a BPDA gradient is one purification and a classifier backward
-        return Work(purifications=settings.bpda_iter * settings.bpda_eot) + evaluation
+        return _eot_gradients(s.bpda_iter, s.bpda_eot, s, randomized, BPDA) + evaluation
     work = Work()
     for version in AA_VERSIONS[attack]:
-        work = work + Work(purifications=1)  # AutoAttack's clean check
+        # pyautoattack's checks (check_randomized: 5 calls, 'standard' only; the output range; the dynamic-defense
+        # trace), its clean check, and each sub-attack's own clean check and final check
+        sub_attacks = 2 if version == "rand" else 4
+        work = work + Work.of(PURIFY, (7 if version == "standard" else 2) + 1 + 2 * sub_attacks)
         if version == "rand":  # APGD-CE and APGD-DLR with EOT, one restart
-            work = work + _apgd(settings, settings.eot, 1) + _apgd(settings, settings.eot, 1)
+            work = work + _eot_gradients(2 * (s.n_iter + 1), s.eot, s, randomized)
         else:  # APGD-CE, APGD-T over the target classes, FAB-T (one gradient per iteration), Square (forwards)
-            targets = settings.n_target_classes
-            work = (work + _apgd(settings) + Work(gradients=targets * (settings.n_iter + 1))
-                    + Work(gradients=targets * settings.fab_iter) + Work(purifications=settings.square_queries))
-        work = work + evaluation
-    return work
+            targets = s.n_target_classes
+            work = (work + Work.of(GRADIENT, s.n_restarts * (s.n_iter + 1) + targets * (s.n_iter + 1)
+                                   + targets * s.fab_iter) + Work.of(PURIFY, s.square_queries))
+    return work + evaluation
 
 
-def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, steps: int = 2, warmup: bool = True) -> dict:
-    """Seconds per image and per step of each kind ('purify' or an attacker gradient) for a
-    PurifiedClassifier, from `steps` steps at x's batch size (after one untimed warm-up call)."""
+def diagnostics_work(check: str, settings: AttackSettings, n_eval: int, draws: int, iterations: int,
+                     randomized: bool = True) -> Work:
+    """Per diagnostic image: 'consistency' (`draws` single-draw exact gradients in one batch) or 'large-eps' (PGD-EOT
+    of `iterations` from the clean image, its two candidates evaluated R times)."""
+    if check == "consistency":
+        return Work.of("exact", draws, _samples(draws, settings))
+    return _eot_gradients(iterations, settings.pgd_eot, settings, randomized) + evaluation_work(2, n_eval, settings,
+                                                                                                  randomized)
+
+
+def solver_steps(purified) -> int:
+    """The steps one call of a purified model runs: N Euler steps, or M likelihood-maximization steps."""
+    kw = purified.purify_kwargs
+    if kw.get("mode") == LM_MODE:
+        return (kw.get("lm") or LMConfig()).n_steps
+    return ReverseGrid.from_dt(kw.get("t_star", 0.1), kw.get("dt", 1e-3)).n_steps
+
+
+def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, steps: int = 2, warmup: bool = True,
+                         samples: int = 1) -> dict:
+    """Seconds per image row and per step of each kind ('purify' or an attacker gradient) for a PurifiedClassifier,
+    from `steps` steps (the whole M-step solve for likelihood maximization) at batch x.shape[0] x `samples`
+    (after one untimed warm-up call)."""
     kwargs = dict(purified.purify_kwargs)
-    dt = kwargs.get("dt", 1e-3)
-    short = {**kwargs, "t_star": steps * dt}
+    lm = kwargs.get("mode") == LM_MODE
+    per_call = solver_steps(purified) if lm else steps
+    short = kwargs if lm else {**kwargs, "t_star": steps * kwargs.get("dt", 1e-3)}
     out = {}
     for kind in kinds:
         model = PurifiedClassifier(purified.score_model, purified.classifier,
@@ -78,10 +137,10 @@ def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, step
         def run():
             if kind == "purify":
                 with torch.no_grad():
-                    model(x)
+                    sample_logits(model, x, samples)
                 return
             xr = x.detach().clone().requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy(model(xr), y)
+            loss = torch.nn.functional.cross_entropy(sample_logits(model, xr, samples), y.repeat(samples))
             torch.autograd.grad(loss, xr)
 
         if warmup:
@@ -90,7 +149,7 @@ def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, step
         start = time.perf_counter()
         run()
         _sync(x)
-        out[kind] = (time.perf_counter() - start) / (steps * x.shape[0])
+        out[kind] = (time.perf_counter() - start) / (per_call * x.shape[0] * samples)
     return out
 
 
@@ -103,8 +162,12 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h" if seconds >= 360 else f"{seconds:.3g} s"
 
 
-def estimate(work: Work, n_images: int, n_steps: int, step_seconds: dict, gradient: str) -> float:
-    """Seconds for `n_images` images under `work`, from per-image-per-step seconds of 'purify' and of the
-    attacker's `gradient` (NaN when that kind was not measured)."""
-    grad_seconds = step_seconds.get(gradient, math.nan) if work.gradients else 0.0
-    return n_images * n_steps * (work.purifications * step_seconds["purify"] + work.gradients * grad_seconds)
+def estimate(work: Work, n_images: int, n_steps: int, step_seconds, gradient: str) -> float:
+    """Seconds for `n_images` images under `work`.  step_seconds(kind, samples) -> seconds per image row and step
+    (NaN when not measured), or a dict {kind: seconds} used at every batch size; GRADIENT calls are the row's
+    attacker `gradient`."""
+    lookup = step_seconds if callable(step_seconds) else (lambda kind, samples: step_seconds.get(kind, math.nan))
+    total = 0.0
+    for (kind, samples), count in work.calls:
+        total += count * lookup(gradient if kind == GRADIENT else kind, samples)
+    return n_images * n_steps * total

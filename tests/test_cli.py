@@ -1,5 +1,7 @@
 """coup-fast eval: settings from flags and TOML/YAML files, validation that names the field before any work."""
 
+import json
+
 import pytest
 import torch
 
@@ -12,9 +14,12 @@ def _cfg(argv):
 
 def test_no_arguments_resolve_to_the_digits_preset():
     cfg = validate(_cfg([]))
-    assert cfg.data == "digits" and cfg.threats == ["Linf"] and cfg.n_images > 0
-    assert "coup" in cfg.defenses and "coup@detached-guidance" in cfg.defenses
-    assert {"apgd-ce", "aa-rand"} <= set(cfg.attacks)
+    assert cfg.data == "digits" and cfg.threats == ["Linf"] and cfg.n_images > 0 and cfg.n_eval == 10
+    # every purifier under every attacker gradient that applies to it: the worst case over them is the headline
+    for gradient in ("", "@detached-guidance", "@adjoint", "@bpda"):
+        assert "coup" + gradient in cfg.defenses
+    assert {"diffpure@adjoint", "diffpure@bpda", "reverse@adjoint", "lm", "coup-lm", "coup-lm@bpda"} <= set(cfg.defenses)
+    assert {"apgd-ce", "aa-rand", "pgd-eot"} <= set(cfg.attacks) and cfg.diagnostics
 
 
 def test_cifar_preset_is_the_papers_setting(tmp_path):
@@ -24,8 +29,9 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
                               classifier_ckpt=str(tmp_path / "c.pt")))
     assert (cfg.n_images, cfg.t_star_linf, cfg.t_star_l2, cfg.lam, cfg.dt) == (512, 0.1, 0.075, 1.0, 1e-3)
     assert cfg.eps_linf == pytest.approx(8 / 255) and cfg.eps_l2 == 0.5 and cfg.eot == 20
-    # DiffPure's image subset, and the published attack beside the exact one
-    assert cfg.subset == "paper" and {"coup", "coup@adjoint", "diffpure", "diffpure@adjoint"} <= set(cfg.defenses)
+    # DiffPure's image subset, and the published attack and the detached guidance beside the exact one
+    assert cfg.subset == "paper" and {"coup", "coup@adjoint", "coup@detached-guidance", "diffpure",
+                                      "diffpure@adjoint"} <= set(cfg.defenses)
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -34,7 +40,14 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
     (["--eps-l2", "-0.5"], "eps_l2"),
     (["--threats", "L1"], "threats"),
     (["--defenses", "coup,adv"], "defenses"),
-    (["--gradient", "bpda"], "gradient"),
+    (["--gradient", "straight-through"], "gradient"),
+    (["--defenses", "lm@adjoint"], "defenses"),  # the published attack is the SDE's adjoint
+    (["--protocol", "carlini"], "protocol"),
+    (["--lm-steps", "0"], "lm_steps"),
+    (["--lm-rule", "sgd"], "lm_rule"),
+    (["--eot-chunk", "0"], "eot_chunk"),
+    (["--diag-images", "0"], "diag_images"),
+    (["--ddpm-ckpt", "/x.pt"], "ddpm_ckpt"),  # digits use the shipped score model
     (["--engine", "jit"], "engine"),
     (["--n-iter", "0"], "n_iter"),
     (["--dt", "0.5"], "dt"),
@@ -162,22 +175,82 @@ def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, c
     text = capsys.readouterr().out
     assert "512 images of shape (3, 32, 32)" in text and "Nothing was run" in text and "H200" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "defense" not in line]
-    # every defense x threat x (clean + attacks) of the preset has a row with a finite time
-    assert len(rows) == 6 * 2 * 4 and not any("nan" in r for r in rows)
-    # APGD-CE: 101 gradients per image (the start point and 100 iterations), R = 4 evaluations
-    assert any(r.startswith("| coup | Linf | apgd-ce | 100 | 4 | 101 |") for r in rows)
+    # every defense x threat x (clean + attacks) of the preset has a row with a finite time, and its checks
+    rows = [r for r in rows if "shared with" not in r]  # clean and bpda-eot run once per defense
+    assert not any("nan" in r for r in rows)
+    assert sum("check large-eps" in r for r in rows) == 7 * 2 and sum("check consistency" in r for r in rows) == 3 * 2
+    # APGD-CE: 101 gradients per image (the start point and 100 iterations), R = 10 evaluations of 2 candidates
+    assert any(r.startswith("| coup | Linf | apgd-ce | 100 | 20 | 101 |") for r in rows)
     assert any(r.startswith("| coup | L2 | apgd-ce | 75 |") for r in rows)
     assert not out.exists()  # a dry run writes nothing
 
 
 def test_cifar100_preset_is_sec_5_2_1(tmp_path):
-    for name in ("cifar", "s.pth", "c.pt"):
+    """The DDPM variant: LM and COUP-LM on a DDPM (--ddpm-ckpt), APGD-CE at L-inf 8/255, 100-class WideResNets;
+    no score model is needed unless an SDE defense is asked for."""
+    for name in ("cifar", "s.pth", "c.pt", "ddpm.ckpt"):
         (tmp_path / name).write_text("")
-    cfg = validate(EvalConfig(data="cifar100", cifar_dir=str(tmp_path / "cifar"), score_ckpt=str(tmp_path / "s.pth"),
-                              classifier_ckpt=str(tmp_path / "c.pt")))
+    base = dict(data="cifar100", cifar_dir=str(tmp_path / "cifar"), classifier_ckpt=str(tmp_path / "c.pt"))
+    cfg = validate(EvalConfig(**base, ddpm_ckpt=str(tmp_path / "ddpm.ckpt")))
     assert cfg.attacks == ["apgd-ce"] and cfg.threats == ["Linf"] and cfg.eps_linf == pytest.approx(8 / 255)
-    assert (cfg.n_images, cfg.subset, cfg.t_star_linf, cfg.lam, cfg.dt) == (512, "paper", 0.1, 1.0, 1e-3)
-    assert "coup@adjoint" in cfg.defenses and "coup" in cfg.defenses
+    assert (cfg.n_images, cfg.subset, cfg.lam) == (512, "paper", 1.0)
+    assert {"lm", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"} <= set(cfg.defenses)
+    with pytest.raises(ConfigError, match="^ddpm_ckpt: required"):
+        validate(EvalConfig(**base))
+    with pytest.raises(ConfigError, match="^score_ckpt: unused"):
+        validate(EvalConfig(**base, ddpm_ckpt=str(tmp_path / "ddpm.ckpt"), score_ckpt=str(tmp_path / "s.pth")))
+    with pytest.raises(ConfigError, match="^score_ckpt: required"):
+        validate(EvalConfig(**base, ddpm_ckpt=str(tmp_path / "ddpm.ckpt"), defenses="lm,coup"))
+    cfg = validate(EvalConfig(**base, score_ckpt=str(tmp_path / "s.pth"), defenses="none,coup,coup@adjoint"))
+    assert cfg.defenses == ["none", "coup", "coup@adjoint"]
+
+
+def test_protocols_set_the_literatures_budgets_and_flags_still_win():
+    lee = validate(_cfg(["--protocol", "lee-kim"]))
+    assert (lee.attacks, lee.pgd_iter, lee.pgd_eot, lee.pgd_random_start) == (["pgd-eot"], 200, 20, True)
+    assert lee.attack_settings().pgd_step_for(8 / 255) == pytest.approx(0.007)  # and scaled with eps:
+    assert lee.attack_settings().pgd_step_for(0.15) == pytest.approx(0.007 * 0.15 / (8 / 255))
+    rdc = validate(_cfg(["--protocol", "rdc"]))
+    assert (rdc.pgd_iter, rdc.pgd_eot, rdc.pgd_random_start) == (200, 32, False)  # BIM: from the clean image
+    both = validate(_cfg(["--protocol", "lee-kim,diffhammer-n10", "--pgd-iter", "50", "--n-eval", "3"]))
+    assert (both.pgd_iter, both.n_eval, both.pgd_eot) == (50, 3, 20)  # flags over protocols over the preset
+    paper = validate(_cfg(["--protocol", "paper"]))
+    assert paper.attacks == ["aa", "bpda-eot"] and (paper.n_iter, paper.eot, paper.bpda_iter) == (100, 20, 20)
+    assert validate(_cfg(["--protocol", "diffhammer-n10"])).n_eval == 10
+    help_text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    for source in ("Lee & Kim 2023", "RDC", "DiffHammer", "2408.05900"):
+        assert source in " ".join(help_text.split())
+
+
+def test_lm_defenses_run_on_digits_with_the_worst_case(tmp_path, capsys):
+    argv = ["eval", "--defenses", "none,lm,coup-lm,coup-lm@bpda", "--attacks", "apgd-ce", "--n-images", "6",
+            "--batch-size", "6", "--n-iter", "2", "--n-eval", "2", "--lm-steps", "2", "--diag-images", "2",
+            "--diag-draws", "2", "--pgd-eot", "2", "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| **coup-lm: worst case** |" in out and "| coup-lm@bpda |" in out and "| **lm** |" in out
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert {r["defense"] for r in saved["rows"]} >= {"lm", "coup-lm", "coup-lm: worst case"}
+    assert (tmp_path / "o" / "samples.csv").exists() and (tmp_path / "o" / "config.json").exists()
+
+
+def test_digits_dry_run_counts_candidates_evaluations_and_checks(tmp_path, capsys):
+    argv = ["eval", "--defenses", "none,coup,coup@bpda,lm", "--attacks", "apgd-ce,bpda-eot", "--n-images", "4",
+            "--batch-size", "4", "--n-iter", "2", "--bpda-iter", "3", "--bpda-eot", "4", "--lm-steps", "2",
+            "--device", "cpu", "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in text.splitlines() if line.startswith("| ")}
+    # APGD-CE on COUP: 3 gradients (start + 2 iterations), 2 candidates x R = 10 evaluations; N = 5 steps
+    assert rows[("coup", "Linf", "apgd-ce")].startswith("| coup | Linf | apgd-ce | 5 | 20 | 3 |")
+    # BPDA-EOT: 3 iterations x 4 draws, 2 candidates x R; it does not depend on the row's gradient: run once
+    assert rows[("coup", "Linf", "bpda-eot")].startswith("| coup | Linf | bpda-eot | 5 | 20 | 12 |")
+    assert "shared with coup" in rows[("coup@bpda", "Linf", "bpda-eot")]
+    assert rows[("lm", "Linf", "apgd-ce")].startswith("| lm | Linf | apgd-ce | 2 |")  # M = 2 LM steps
+    assert rows[("none", "Linf", "apgd-ce")].startswith("| none | Linf | apgd-ce | 1 | 2 | 3 |")  # R = 1: deterministic
+    assert ("coup", "Linf", "check consistency (4 images)") in rows
+    assert ("none", "Linf", "check large-eps (4 images)") in rows
+    assert "Nothing was run" in text and not (tmp_path / "o").exists()
 
 
 def test_every_eval_flag_has_help():

@@ -22,7 +22,10 @@ def test_two_gloo_ranks_merge_to_the_single_process_table(tmp_path, tmp_path_fac
     proc = subprocess.run(torchrun, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rows(dist) == rows(single)
-    assert "| reverse |" in proc.stdout and proc.stdout.count("| reverse |") == 1  # only rank 0 prints
+    headline = "| **reverse** | Linf |"  # the headline row of the table
+    assert headline in proc.stdout and proc.stdout.count(headline) == 1  # only rank 0 prints
+    with open(dist / "samples.csv") as f, open(single / "samples.csv") as g:
+        assert f.read() == g.read()
     assert json.load(open(dist / "results.json"))["meta"]["world_size"] == 2
     assert len(glob.glob(str(dist / "batches" / "*" / "**" / "batch*.json"), recursive=True)) == 16
 

@@ -126,3 +126,161 @@ def test_batched_samples_are_the_sequential_calls(nets):
         (g_seq,) = torch.autograd.grad((torch.cat(seq) * w).sum(), xs)
         (g_batched,) = torch.autograd.grad((batched * w).sum(), xb)
         torch.testing.assert_close(g_batched, g_seq, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- coup-fast eval (issue 17, items 2, 5, 9)
+import glob  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+from coup_fast.attacks import AttackSettings  # noqa: E402
+from coup_fast.cli import ConfigError, main as cli_main  # noqa: E402
+from coup_fast.evaluate import evaluate  # noqa: E402
+
+
+def _tiny_eval(out_dir):
+    score, clf = neural_problem()
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = clf(x).argmax(1)
+    models = {"none": clf, "rev": PurifiedClassifier(score, clf, t_star=0.1, dt=0.05, mode="reverse")}
+    return evaluate(models, x, y, attacks=["pgd-eot"], eps={"Linf": 0.2}, n_eval=3, batch_size=4, out_dir=str(out_dir),
+                    progress=False, settings=AttackSettings(pgd_iter=2, pgd_eot=2), diag_images=2)
+
+
+def _stale(record):
+    """Another batch's record under this name: its own index and different verdicts."""
+    record["index"] = [record["index"][0] + 4, record["index"][1] + 4]
+    record["correct"] = [[[1 - v for v in run] for run in cand] for cand in record["correct"]]
+    return json.dumps(record)
+
+
+CORRUPTIONS = {
+    "truncated": lambda text, record: text[: len(text) // 2],
+    "not json": lambda text, record: "\x00\xff garbage",
+    "a list": lambda text, record: "[1, 2, 3]",
+    "stale index": lambda text, record: _stale(record),
+    "narrower": lambda text, record: json.dumps({**record, "correct": [[run[:-1] for run in c] for c in record["correct"]]}),
+    "other R": lambda text, record: json.dumps({**record, "n_eval": 7}),
+    "other run": lambda text, record: json.dumps({**record, "hash": "0" * 12}),
+    "not verdicts": lambda text, record: json.dumps({**record, "correct": [[[2] * len(record["correct"][0][0])]]}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_a_bad_batch_record_is_reported_set_aside_and_recomputed(tmp_path, capsys, kind):
+    want = _tiny_eval(tmp_path).cells
+    (path,) = [p for p in glob.glob(str(tmp_path / "batches" / "*" / "Linf" / "rev-*" / "pgd-eot" / "batch00000.json"))]
+    text = open(path).read()
+    bad = CORRUPTIONS[kind](text, json.loads(text))
+    with open(path, "w", errors="surrogateescape") as f:
+        f.write(bad)
+    again = _tiny_eval(tmp_path)
+    err = capsys.readouterr().err
+    assert f"{path}: unreadable or inconsistent result record" in err and f"moved to {path}.unreadable" in err
+    with open(f"{path}.unreadable", errors="surrogateescape") as f:
+        assert f.read() == bad  # kept, never deleted
+    assert again.cells == want  # recomputed from the same seeds
+    assert json.loads(open(path).read())["index"] == [0, 4]
+
+
+def test_leftover_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):
+    _tiny_eval(tmp_path)
+    (batch,) = glob.glob(str(tmp_path / "batches" / "*" / "Linf" / "none-*" / "pgd-eot"))
+    leftovers = [os.path.join(batch, "batch00001.json.tmp4242"), str(tmp_path / "results.json.tmp77")]
+    for p in leftovers:
+        open(p, "w").write("half")
+    (tmp_path / "notes.tmp1").write_text("mine")  # not ours: stays
+    _tiny_eval(tmp_path)
+    assert not any(os.path.exists(p) for p in leftovers) and (tmp_path / "notes.tmp1").read_text() == "mine"
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+
+
+def _no_work(*a, **k):
+    raise AssertionError("loaded models or data before the settings were checked")
+
+
+TINY_EVAL = ["eval", "--n-images", "4", "--batch-size", "4", "--defenses", "none,reverse,lm", "--attacks", "pgd-eot",
+             "--dt", "0.05", "--pgd-iter", "1", "--pgd-eot", "2", "--n-eval", "2", "--lm-steps", "1", "--diag-images",
+             "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_eval_out_that_is_a_file_fails_before_any_work(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "file.txt" / ("sub" if where == "under_a_file" else "")
+    monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
+    assert cli_main([*TINY_EVAL, "--out", str(out).rstrip("/")]) == 2
+    err = capsys.readouterr().err
+    assert "error: out:" in err and "file.txt" in err and "Traceback" not in err
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_eval_out_that_is_not_writable_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    """Tests run as root, for whom a 0o555 folder is writable: os.access stands in for the permission."""
+    monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert cli_main([*TINY_EVAL, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: out:" in err and "not writable" in err and not (tmp_path / "o").exists()
+
+
+def test_eval_device_meta_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
+    argv = [a for a in TINY_EVAL if a != "cpu" and a != "--device"]
+    assert cli_main([*argv, "--device", "meta", "--out", str(tmp_path / "o")]) == 2
+    assert "error: device: 'meta'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("line,field", [
+    ('defenses = ["none", 3]', "defenses"),
+    ("out = 5", "out"),
+    ("lam = true", "lam"),
+    ('seed = "7"', "seed"),
+    ("n_images = 2.5", "n_images"),
+    ('diagnostics = "yes"', "diagnostics"),
+    ("eps_linf = true", "eps_linf"),
+    ("attacks = [1]", "attacks"),
+    ('protocol = "lee-kim,nope"', "protocol"),
+])
+def test_eval_config_values_of_the_wrong_type_fail_before_any_work(tmp_path, monkeypatch, capsys, line, field):
+    (tmp_path / "run.toml").write_text(line + "\n")
+    monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["eval", "--config", "run.toml", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {field}:" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["run.toml"]  # nothing written
+
+
+def test_eval_dt_beyond_the_step_limit_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
+    assert cli_main(["eval", "--dt", "1e-7", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: dt:" in err and "N = 1,000,000 steps" in err and "100,000" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="^dt:"):
+        from coup_fast.cli import EvalConfig, validate
+
+        validate(EvalConfig(dt=1e-6, t_star=0.2))
+
+
+def test_eval_progress_states_the_step_counts(tmp_path, capsys):
+    assert cli_main([*TINY_EVAL, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "reverse: N = 2 SDE steps" in err and "lm: M = 1 LM steps" in err and "n = 4 images" in err
+
+
+def test_eval_out_on_a_read_only_file_system_fails_before_any_compute(tmp_path, monkeypatch, capsys):
+    """A read-only mount refuses the probe file even to root (open raises EROFS): caught after loading, before
+    the evaluation computes anything."""
+    import errno
+
+    import coup_fast.paper as paper
+
+    def read_only_fs(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("coup_fast.cli.evaluate", _no_work)
+    monkeypatch.setattr(paper, "open", read_only_fs, raising=False)  # shadows the builtin in that module only
+    assert cli_main([*TINY_EVAL, "--out", str(tmp_path / "o")]) == 2
+    assert "error: out: " in capsys.readouterr().err

@@ -335,3 +335,73 @@ def test_cifar100_problem(tmp_path, monkeypatch):
     assert sweep.SweepConfig.preset("cifar100").eps == pytest.approx(8 / 255)
     with pytest.raises(ValueError, match="^subset"):
         sweep.load_problem("digits", n_images=4, subset="paper")
+
+
+# --- the DDPM variant (issue 20): coup-lm swept against M and lam
+
+
+def test_lm_sweep_runs_m_and_lam_axes(tmp_path, monkeypatch):
+    from coup_fast.lm import index_eps_model
+
+    score, clf, x, y = tiny_problem()
+    cfg = sweep.SweepConfig(data="digits", n_images=6, eps=0.1, n_iter=2, batch_size=6, defense="coup-lm",
+                            m_grid=(1, 2), lam_grid=(0.0, 1.0), lm_steps=2, lam=1.0, n_eval=2)
+    real, calls = sweep.accuracy_point, []
+    monkeypatch.setattr(sweep, "accuracy_point", lambda *a, **k: calls.append((k["lm_steps"], k["lam"])) or real(*a, **k))
+    r = sweep.run_sweep(cfg, str(tmp_path), problem=(index_eps_model(score), clf, x, y), progress=False)
+    assert [(row["axis"], row["lm_steps"], row["lam"]) for row in r["rows"]] == [
+        ("lm_steps", 1, 1.0), ("lm_steps", 2, 1.0), ("lam", 2, 0.0), ("lam", 2, 1.0)]
+    assert sorted(calls) == [(1, 1.0), (2, 0.0), (2, 1.0)]  # (M = 2, lam = 1) lies on both axes: run once
+    for row in r["rows"]:
+        assert 0.0 <= row["robust_acc"] <= row["clean_acc"] + 0.5 and row["n"] == 6 and "t_star" not in row
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "sweep.json").read_text())["config"]["defense"] == "coup-lm"
+
+
+def test_lm_accuracy_point_purifies_by_likelihood_maximization(monkeypatch):
+    seen = {}
+
+    class Recording(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+            seen.update(k)
+
+        def forward(self, u):
+            return torch.nn.functional.one_hot(torch.zeros(u.shape[0], dtype=torch.long), 2).float()
+
+    monkeypatch.setattr(sweep, "PurifiedClassifier", Recording)
+    monkeypatch.setattr(sweep, "apgd_ce", lambda model, x, y, **k: x)
+    x, y = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=2.0, dt=0.1, eps=0.1, n_iter=1, batch_size=2,
+                               defense="coup-lm", lm_steps=7)
+    assert seen["mode"] == "likelihood-max" and seen["lam"] == 2.0 and seen["lm"].n_steps == 7
+    assert row["lm_steps"] == 7 and row["clean_acc"] == 1.0
+
+
+def test_lm_sweep_cli_and_its_checkpoint(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import coup_fast.models.ddpm as ddpm
+    import coup_fast.models.wideresnet as wideresnet
+    from test_data import make_fake_cifar
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["paper", "sweep", "--defense", "coup-lm", "--m-grid", "1,5", "--lm-steps", "3"])
+    assert (a.defense, a.m_grid, a.lm_steps) == ("coup-lm", (1, 5), 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["paper", "sweep", "--m-grid", "0"])
+    assert cli.main(["sweep", "--defense", "coup-lm", "--ddpm-ckpt", "d.ckpt", "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    assert "--ddpm-ckpt: applies to --data cifar10" in capsys.readouterr().err
+    path, _ = make_fake_cifar(str(tmp_path), dataset="cifar100", n_per_file=30, tar=True)
+    score, clf = neural_problem()
+    seen = {}
+    eps_net = neural_problem()[0]
+    monkeypatch.setattr(ddpm, "load_ddpm", lambda p, device: seen.update(ddpm=p) or eps_net)
+    monkeypatch.setattr(wideresnet, "load_wideresnet", lambda p, depth, widen, device, num_classes: clf)
+    net, _, x, _ = sweep.load_problem("cifar100", n_images=4, cifar_dir=path, classifier_ckpt="c.pt",
+                                      defense="coup-lm", ddpm_ckpt="d.ckpt")
+    assert net is eps_net and seen == {"ddpm": "d.ckpt"} and x.shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="--ddpm-ckpt"):
+        sweep.load_problem("cifar100", n_images=4, cifar_dir=path, classifier_ckpt="c.pt", defense="coup-lm")

@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL mid-way and restarted with the same command skips finished batches and
-ends with the same table as an uninterrupted run."""
+"""A run killed with SIGKILL mid-way and restarted with the same command skips finished records and
+ends with the same tables and per-image verdicts as an uninterrupted run."""
 import glob
 import json
 import os
@@ -11,9 +11,12 @@ import time
 import torch
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), os.pardir, "coup_fast", "weights")
-# Tiny but complete: a deterministic and a stochastic defense, clean + APGD-CE, 4 batches per cell.
+# Tiny but complete: a deterministic and a stochastic defense, clean + APGD-CE, 4 batches per cell, and the
+# gradient-masking checks (the unbounded attack on both, the gradient consistency of the stochastic one).
 TINY = ["--n-images", "8", "--batch-size", "2", "--defenses", "none,reverse", "--attacks", "apgd-ce", "--dt", "0.05",
-        "--n-iter", "2", "--n-eval", "2", "--seed", "3", "--no-progress"]
+        "--n-iter", "2", "--n-eval", "2", "--seed", "3", "--diag-images", "2", "--diag-draws", "2", "--pgd-eot", "2",
+        "--no-progress"]
+N_RECORDS = 16 + 3  # (2 defenses x (clean + apgd-ce) x 4 batches) + 2 unbounded attacks + 1 consistency check
 
 
 def weights_dir(tmp_path_factory):
@@ -51,6 +54,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_path_fact
 
     proc = subprocess.Popen(command(killed, weights), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = str(killed / "batches" / "*" / "**" / "batch*.json")
+    records = str(killed / "batches" / "*" / "*" / "*" / "**" / "*.json")
     deadline = time.time() + 120
     while not glob.glob(pattern, recursive=True) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -58,12 +62,15 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_path_fact
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert still_running, "the run finished before it could be killed"
-    done = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern, recursive=True)}
-    assert done and not (killed / "results.json").exists()
+    done = {p: os.stat(p).st_mtime_ns for p in glob.glob(records, recursive=True)}
+    assert done and len(done) < N_RECORDS and not (killed / "results.json").exists()
 
     subprocess.run(command(killed, weights), env=env(), check=True, capture_output=True, timeout=300)
-    assert all(os.stat(p).st_mtime_ns == t for p, t in done.items()), "finished batches were recomputed"
-    assert len(glob.glob(pattern, recursive=True)) == 16
+    assert all(os.stat(p).st_mtime_ns == t for p, t in done.items()), "finished records were recomputed"
+    assert len(glob.glob(pattern, recursive=True)) == 16 and len(glob.glob(records, recursive=True)) == N_RECORDS
     assert rows(killed) == rows(ref)
-    with open(killed / "results.md") as f, open(ref / "results.md") as g:
-        assert f.read() == g.read()
+    for name in ("results.md", "samples.csv"):  # the tables, and the per-image verdicts behind the worst case
+        with open(killed / name) as f, open(ref / name) as g:
+            assert f.read() == g.read()
+    with open(killed / "results.json") as f, open(ref / "results.json") as g:
+        assert json.load(f)["diagnostics"] == json.load(g)["diagnostics"]

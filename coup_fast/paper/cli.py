@@ -52,6 +52,7 @@ DT = _number(float, MIN_DT, 1.0, lo_open=False, what=f"dt in [{MIN_DT:g}, 1] (at
 # c and lam: beyond this the toy classifier overflows float32 and guidance goes NaN (coup_fast.paper.toy)
 WEIGHT = _number(float, 0.0, MAX_WEIGHT, lo_open=False, what=f"a number in [0, {MAX_WEIGHT:g}]")
 WRN_WIDEN = _number(int, 0, 64, what="a widen factor in [1, 64]")
+LM_STEPS = _number(int, 0, 1000, what="an integer in [1, 1000]")
 
 
 def _wrn_depth(text: str) -> int:
@@ -122,9 +123,15 @@ def _load_kwargs(a) -> dict:
     if a.data == "digits":
         if a.subset is not None:
             raise ValueError("--subset: applies to --data cifar10 / cifar100 only")
+        if getattr(a, "ddpm_ckpt", None) is not None:
+            raise ValueError("--ddpm-ckpt: applies to --data cifar10 / cifar100 (digits use the shipped score model "
+                             "through coup_fast.lm.index_eps_model)")
         return {"weights_dir": a.weights_dir}
-    return {"cifar_dir": a.cifar_dir, "score_ckpt": a.score_ckpt, "classifier_ckpt": a.classifier_ckpt,
-            "wrn_depth": a.wrn_depth, "wrn_widen": a.wrn_widen, "subset": a.subset}
+    out = {"cifar_dir": a.cifar_dir, "score_ckpt": a.score_ckpt, "classifier_ckpt": a.classifier_ckpt,
+           "wrn_depth": a.wrn_depth, "wrn_widen": a.wrn_widen, "subset": a.subset}
+    if getattr(a, "ddpm_ckpt", None) is not None:
+        out["ddpm_ckpt"] = a.ddpm_ckpt
+    return out
 
 
 def run_toy_cmd(a) -> int:
@@ -160,12 +167,17 @@ def run_trajectory_cmd(a) -> int:
 
 
 def run_sweep_cmd(a) -> int:
+    if a.defense == "coup" and a.ddpm_ckpt is not None:
+        raise ValueError("--ddpm-ckpt: the eps-network of --defense coup-lm; --defense coup takes --score-ckpt")
+    if a.defense == "coup-lm" and a.score_ckpt is not None:
+        raise ValueError("--score-ckpt: --defense coup-lm purifies with a DDPM eps-network, give --ddpm-ckpt")
     cfg = sweep.SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
                              t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine,
-                             n_eval=a.n_eval, eot=a.eot)
+                             n_eval=a.n_eval, eot=a.eot, defense=a.defense, m_grid=a.m_grid, lm_steps=a.lm_steps)
     r = sweep.run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
     for row in r["rows"]:
-        print(f"{row['axis']:>6}  t*={row['t_star']:<6g} lam={row['lam']:<5g} clean {row['clean_acc']:.3f} "
+        where = f"M={row['lm_steps']:<3d}" if "lm_steps" in row else f"t*={row['t_star']:<6g}"
+        print(f"{row['axis']:>8}  {where} lam={row['lam']:<5g} clean {row['clean_acc']:.3f} "
               f"± {row['clean_se']:.3f}  robust {row['robust_acc']:.3f} ± {row['robust_se']:.3f}")
     print(f"wrote {a.out}/sweep.csv, sweep.json, sweep.png ({r['seconds']:.1f} s)")
     return 0
@@ -195,9 +207,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lam", type=WEIGHT, default=1.0, help="guidance weight of the guided path (default 1)")
     p.set_defaults(func=_command(run_trajectory_cmd))
 
-    p = sub.add_parser("sweep", help="clean / APGD-CE robust accuracy vs t* and vs lam (Fig. 4)")
+    p = sub.add_parser("sweep", help="clean / APGD-CE robust accuracy vs t* and vs lam (Fig. 4); --defense coup-lm: "
+                                     "vs the LM steps M and lam (Sec. 5.2.1)")
     _common(p)
     _data_args(p)
+    p.add_argument("--defense", choices=sweep.DEFENSES, default="coup",
+                   help="coup (default: axes t* and lam) or coup-lm (likelihood maximization with guidance, Sec. 5.2.1: "
+                        "axes M and lam, lam = 0 being LM without guidance)")
+    p.add_argument("--m-grid", type=_list_of(LM_STEPS), default=None,
+                   help=f"coup-lm: LM step counts M of the first axis (default {','.join(map(str, sweep.M_GRID))})")
+    p.add_argument("--lm-steps", type=LM_STEPS, default=None, help="coup-lm: M on the lam axis (default 5)")
+    p.add_argument("--ddpm-ckpt", help="coup-lm on CIFAR: the DDPM eps-network (coup_fast.models.load_ddpm); digits "
+                                       "use the shipped score model through coup_fast.lm.index_eps_model")
     p.add_argument("--t-grid", type=_list_of(T_STAR), default=None, help="t* values (lam fixed at --lam)")
     p.add_argument("--lam-grid", type=_list_of(WEIGHT), default=None, help="lam values (t* fixed at --t-star)")
     p.add_argument("--t-star", type=T_STAR, default=0.1, help="t* of the lam axis (default 0.1)")
