@@ -1,14 +1,19 @@
 """One timing harness for the benchmarks: reference and fast provider side by side, device named.
 
-Peak memory is measured in a fresh child process per case: the peak resident set size during
-one call of the measured function minus the resident size just before it, after the models and
-inputs exist.  The kernel's peak mark is reset before the call (Linux /proc/self/clear_refs), so
-an earlier, larger peak (compiling, loading) cannot hide the call's.  That counts everything the
-call makes resident (tensors, autograd graphs, allocator and glibc caches), at page granularity;
-it is what a user's process pays.
+Peak memory is the peak resident set size during one call of the measured function minus the
+resident size just before it, after the models and inputs exist, measured in a fresh child process
+per case (bench_cpu_purify) or in the running one after returning the heap's free pages to the
+system (`trim_heap`, glibc's malloc_trim: memory freed by earlier calls would otherwise be reused
+without showing as growth).  The kernel's peak mark is reset before the call (Linux
+/proc/self/clear_refs), so an earlier, larger peak (compiling, loading) cannot hide the call's.  That
+counts everything the call makes resident (tensors, autograd graphs, allocator and glibc caches), at
+page granularity; it is what a user's process pays.  On CUDA, `cuda_peak_growth` reads torch's
+allocator instead.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import platform
 import resource
@@ -50,8 +55,9 @@ def time_call(fn, *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> 
     return min(times)
 
 
-def time_round_robin(fns: dict, *, repeats: int = 2, device: str = "cpu") -> dict:
-    """Fastest wall time (s) of each fn, calling them interleaved: one warm-up round, then `repeats` rounds."""
+def time_round_robin(fns: dict, *, repeats: int = 2, device: str = "cpu", first: dict | None = None) -> dict:
+    """Fastest wall time (s) of each fn, calling them interleaved: one warm-up round, then `repeats` rounds.
+    first: a dict to receive each fn's warm-up time (its first call: compiling, capturing)."""
     best = {name: float("inf") for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
@@ -61,6 +67,8 @@ def time_round_robin(fns: dict, *, repeats: int = 2, device: str = "cpu") -> dic
             sync(device)
             if round_:  # round 0 warms up
                 best[name] = min(best[name], time.perf_counter() - start)
+            elif first is not None:
+                first[name] = time.perf_counter() - start
     return best
 
 
@@ -95,13 +103,36 @@ def peak_rss_bytes() -> int:
         return maxrss_bytes()
 
 
-def peak_growth(fn) -> int:
-    """Bytes by which one call of fn() raises the resident set above its size before the call."""
+def trim_heap() -> bool:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc malloc_trim), so that a
+    call measured next in this process shows its memory as growth.  False where there is no malloc_trim."""
+    gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_growth(fn, *, trim: bool = False) -> int:
+    """Bytes by which one call of fn() raises the resident set above its size before the call
+    (trim: `trim_heap` first, for a measurement in a process that has run other calls)."""
+    if trim:
+        trim_heap()
     before = reset_peak_rss()
     if before is None:  # growth of the lifetime peak: right only if nothing earlier peaked higher
         before = maxrss_bytes()
     fn()
     return peak_rss_bytes() - before
+
+
+def cuda_peak_growth(fn) -> int:
+    """Bytes by which one call of fn() raises torch's CUDA allocation above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def run_child(module: str, case: dict, timeout: float = 1200) -> dict:

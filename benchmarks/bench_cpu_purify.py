@@ -11,7 +11,8 @@ them).  Guided COUP (lam = 1), t* = 0.1 (N = 100 steps of dt = 1e-3).
   changing how the networks execute (engine='compile' changes it); and "convolutions": only the
   convolution kernels (forward, and the guidance's backward) of those calls, replayed: the floor for
   any engine that keeps torch's (oneDNN's) convolutions.
-* image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint) vs DiffPure-style
+* image gradients/s, d<w, purify(x)>/dx: gradient='exact' (discrete adjoint; memory='lean', 'fast' and
+  the default, 'auto': step graphs kept while they fit a quarter of free memory) vs DiffPure-style
   `sdeint_adjoint` (score-net parameters trainable, hence adjoint parameters: adjoint_params=None)
   and a tuned `sdeint_adjoint` (adjoint_params=()).
 * engine='compile': the same purification and exact gradients with the step's network calls
@@ -36,8 +37,8 @@ from coup_fast.reference import T_END, brownian_interval, purify_unrolled, solve
 from coup_fast.sde import ReverseGrid
 from coup_fast.solver import PurifyConfig
 
-METHODS = ("purify", "purify-compiled", "torchsde", "networks", "convolutions", "exact", "exact-fast", "exact-compiled",
-           "exact-compiled-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
+METHODS = ("purify", "purify-compiled", "torchsde", "networks", "convolutions", "exact", "exact-fast", "exact-default",
+           "exact-compiled", "exact-compiled-fast", "diffpure-adjoint", "tuned-adjoint", "unrolled")
 LAM = 1.0
 
 
@@ -108,9 +109,10 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
         def fn():
             with torch.no_grad():
                 return torchsde_run(False)
-    elif method in ("exact", "exact-fast", "exact-compiled", "exact-compiled-fast", "unrolled"):
+    elif method in ("exact", "exact-fast", "exact-default", "exact-compiled", "exact-compiled-fast", "unrolled"):
         run = purify_unrolled if method == "unrolled" else purify
-        extra = {"exact-fast": {"memory": "fast"}, "exact-compiled": {"engine": "compile"},
+        extra = {"exact": {"memory": "lean"}, "exact-fast": {"memory": "fast"}, "exact-default": {},
+                 "exact-compiled": {"engine": "compile", "memory": "lean"},
                  "exact-compiled-fast": {"engine": "compile", "memory": "fast"}}.get(method, {})
 
         def fn():
@@ -183,7 +185,7 @@ def main(args):
 
     rows, info = [], None
     compiled = () if args.quick else ("purify-compiled", "exact-compiled", "exact-compiled-fast")  # minutes to compile
-    methods = ("purify", "torchsde", "exact", "exact-fast", "diffpure-adjoint", "tuned-adjoint") + compiled
+    methods = ("purify", "torchsde", "exact", "exact-fast", "exact-default", "diffpure-adjoint", "tuned-adjoint") + compiled
     for batch in batches:
         info = timed(methods + ("networks", "convolutions"), batch)
         sec = info["seconds"]
@@ -197,6 +199,8 @@ def main(args):
             "grad_tuned": batch / sec["tuned-adjoint"],
             "x_diffpure": sec["diffpure-adjoint"] / sec["exact"], "x_tuned": sec["tuned-adjoint"] / sec["exact"],
             "grad_fast": batch / sec["exact-fast"], "xf_diffpure": sec["diffpure-adjoint"] / sec["exact-fast"],
+            "grad_default": batch / sec["exact-default"], "xd_diffpure": sec["diffpure-adjoint"] / sec["exact-default"],
+            "xd_lean": sec["exact"] / sec["exact-default"],
             "pur_compiled": batch / sec["purify-compiled"], "pur_cx": sec["torchsde"] / sec["purify-compiled"],
             "grad_compiled": batch / sec["exact-compiled"], "xc_diffpure": sec["diffpure-adjoint"] / sec["exact-compiled"],
             "grad_cfast": batch / sec["exact-compiled-fast"],
@@ -208,11 +212,13 @@ def main(args):
     print(H.table(rows, [("batch", "B"), ("pur_purify", "purify"), ("pur_torchsde", "sdeint"), ("pur_x", "x"),
                          ("pur_ceiling", "x ceiling"), ("pur_conv_ceiling", "x conv ceiling"), ("grad_exact", "exact grad"), ("grad_diffpure", "DiffPure adj"), ("x_diffpure", "x"),
                          ("grad_tuned", "tuned adj"), ("x_tuned", "x"), ("grad_fast", "exact grad fast"),
-                         ("xf_diffpure", "x DiffPure")]))
+                         ("xf_diffpure", "x DiffPure"), ("grad_default", "exact grad default"),
+                         ("xd_diffpure", "x DiffPure"), ("xd_lean", "x lean")]))
     print("x ceiling = sdeint / (the networks' calls alone): the most any engine can gain without touching the networks")
     print("x conv ceiling = sdeint / (their convolution kernels alone, replayed): the most any engine that runs the "
           "same convolution kernels can gain")
-    print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs)")
+    print("exact grad = memory='lean' (recompute per step); exact grad fast = memory='fast' (keep step graphs); exact grad "
+          "default = memory='auto' (keep step graphs within a quarter of free memory; bitwise lean's gradient)")
     if compiled:
         print("\nengine='compile' (networks, guidance and Hessian-vector products as torch.compile'd functions; "
               "compile time not counted: it is the warm-up round)")
@@ -222,6 +228,7 @@ def main(args):
     print("\npeak RSS growth of one call (MiB; peak during the call minus resident before it)")
     print(H.table(rows, [("batch", "B"), ("mem_purify", "purify"), ("mem_torchsde", "sdeint"),
                          ("mem_exact", "exact grad"), ("mem_exact-fast", "exact fast"),
+                         ("mem_exact-default", "exact default"),
                          ("mem_exact-compiled", "compiled"), ("mem_exact-compiled-fast", "compiled fast"),
                          ("mem_diffpure-adjoint", "DiffPure adj"),
                          ("mem_tuned-adjoint", "tuned adj")]))
@@ -239,18 +246,18 @@ def main(args):
     for t in ([0.01, 0.02] if args.quick else [0.025, 0.05, 0.1, 0.2]):
         n = round(t / 1e-3)
         mem_rows.append({"t": t, "N": n, "traj": n * batch * 64 * 4 / 2**20, "exact": peak("exact", batch, t),
-                         "unrolled": peak("unrolled", batch, t)})
+                         "default": peak("exact-default", batch, t), "unrolled": peak("unrolled", batch, t)})
     print(f"\npeak RSS growth of the exact gradient over N (B = {batch}, d = 64, float32; MiB)")
     print("N.B.d = the kept trajectory x_0..x_{N-1}; the rest is one step's recomputed graph + allocator slack")
-    print(H.table(mem_rows, [("t", "t*"), ("N", "N"), ("traj", "N.B.d"), ("exact", "exact (adjoint)"),
-                             ("unrolled", "unrolled autograd")]))
+    print(H.table(mem_rows, [("t", "t*"), ("N", "N"), ("traj", "N.B.d"), ("exact", "exact, lean"),
+                             ("default", "exact, default"), ("unrolled", "unrolled autograd")]))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="CI size: t* = 0.02, batches 1 and 8, one repeat, no compiled engine")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measured process")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measured process (pinned)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.case:

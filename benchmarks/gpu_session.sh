@@ -8,7 +8,13 @@
 # digits: benchmarks/throughput.py on the shipped digits models (t* = 0.1, N = 100).
 # ops:    benchmarks/bench_ops.py (GB/s of the fused elementwise ops).
 # cifar:  throughput.py with NCSN++ deep / WRN-28-10-sized networks (random weights, N = 10 steps).
+# attacks: benchmarks/bench_attacks.py workload (a) at CIFAR size (NCSN++ deep + WRN-28-10, random weights),
+#         B = 64, N = 10: the exact gradient (graph engine, fp32 and TF32) against DiffPure's sdeint_adjoint.
+# peak:   throughput.py purification and exact gradient, CIFAR size, B = 64, graph engine, TF32: the
+#         fraction of the TF32 dense peak (%peak column, ~495 TFLOP/s on an H200).
 # suite:  the whole test suite in parallel, in whatever time is left of TOTAL_S.
+# Issue 18's one-call session (15 device minutes in all, no build: the Triton ops serve CUDA):
+#   OUT=$OUT bash benchmarks/gpu_session.sh attacks peak
 # Each stage has its own time limit, so a slow one cannot take the later ones with it; logs go to
 # $OUT/stages.log (one file: few files come back from the device), benchmark JSON beside it.
 set -uo pipefail
@@ -68,6 +74,12 @@ for what in "$@"; do
     cifar)
       TAIL=60 stage cifar "${CIFAR_S:-150}" $PY benchmarks/throughput.py --arch cifar --batch 1,64 --dt 1e-2 \
         --knobs fp32,tf32,bf16 --repeat 1 --budget 3 --out "$OUT/throughput_cifar.json" ;;
+    attacks)
+      TAIL=40 stage attacks "${ATTACKS_S:-300}" $PY -m benchmarks.bench_attacks --arch cifar --device cuda --batch 64 \
+        --dt 1e-2 --workloads a --methods diffpure,defaults,best --repeats 1 --out "$OUT/bench_attacks_cifar.json" ;;
+    peak)
+      TAIL=30 stage peak "${PEAK_S:-200}" $PY benchmarks/throughput.py --arch cifar --batch 64 --dt 1e-2 \
+        --knobs tf32 --engines graph --repeat 2 --budget 3 --out "$OUT/throughput_cifar_tf32.json" ;;
     suite)
       left=$(( ${TOTAL_S:-570} - SECONDS ))
       if [ "$left" -gt 40 ]; then

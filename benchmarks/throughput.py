@@ -231,7 +231,7 @@ def providers(args, score, clf, device):
             continue
         for knob in args.knobs:
             prec = KNOBS[knob]
-            if engine == "compile" and prec.compile:  # the engine compiles the whole step itself
+            if engine == "compile" and prec.compile_networks:  # the engine compiles the whole step itself
                 continue
             s, c = prepare(score, prec), prepare(clf, prec)
 
@@ -286,14 +286,16 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=20.0, help="stop repeating once a measurement took this many s")
     p.add_argument("--reference-max-batch", type=int, default=64,
                    help="largest batch timed on the (slow) torchsde reference rows")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --quick: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, pinned and printed (default: 1 on a CPU run, torch's on CUDA)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = args.device.type == "cuda"
     if args.quick:
         args.t_star, args.repeat, args.budget = 0.005, 1, 2.0
-        args.threads = args.threads or 1  # a shared CI CPU: spinning OpenMP threads only contend
+    if args.threads is None and not gpu:
+        args.threads = 1  # a shared CPU: pinned, so that runs compare; spinning OpenMP threads only contend
     default_batches = QUICK_BATCHES if args.quick else GPU_BATCHES if gpu else CPU_BATCHES
     args.batch = [int(b) for b in args.batch.split(",")] if args.batch else list(default_batches)
     default_knobs = QUICK_KNOBS if args.quick else GPU_KNOBS if gpu else CPU_KNOBS

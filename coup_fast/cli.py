@@ -25,6 +25,7 @@ from . import data, plan
 from ._files import atomic_write_text
 from .attacks import ATTACKS, NORMS, OWN_GRADIENT, AttackSettings, is_randomized
 from .engines import CHOICES as ENGINES
+from .engines import EngineChoice, choose_engine
 from .evaluate import (ATTACK_GRADIENTS, DEFENSES, DIAG_ITER, LM_DEFENSES, OUTPUT_FILES, SDE_DEFENSES, Defense,
                        build_defense, evaluate, solve_steps)
 from .lm import RULES as LM_RULES
@@ -150,8 +151,10 @@ class EvalConfig:
     lm_lr: float = _setting(0.1, "lm / coup-lm: learning rate of the LM steps (Chen et al.: 0.1)")
     lm_rule: str = _setting("adam", f"lm / coup-lm: step rule, one of {LM_RULES} (Chen et al.: Adam)")
     gradient: str = _setting("exact", f"attacker gradient of defenses given without @gradient, one of {ATTACK_GRADIENTS}")
-    engine: str = _setting("auto", f"purify's engine, one of {ENGINES} ('compile': torch.compile'd steps, the CPU's "
-                                   "fast path); not in the resume hash, engines agree to round-off")
+    engine: str = _setting("auto", f"purify's engine, one of {ENGINES}; 'auto': CUDA graphs on a GPU, and on a CPU "
+                                   "'compile' (torch.compile'd steps, 20-90 s of compiling per batch shape first) when "
+                                   "the run's calls per batch shape pay for it, else eager (said at the start); not "
+                                   "in the resume hash, engines agree to round-off")
     n_iter: int | None = _setting(None, "APGD iterations, in apgd-ce and inside AutoAttack (paper: 100)")
     eot: int | None = _setting(None, "EOT draws per gradient of AutoAttack 'rand' (paper: 20)")
     apgd_eot: int = _setting(1, "EOT draws per gradient of the apgd-ce attack (AutoAttack's APGD-CE: 1)")
@@ -514,8 +517,10 @@ def check_shapes(cfg: EvalConfig, score_model, eps_model, classifier, x):
                                        f"{tuple(eps.shape)}")
 
 
-def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None) -> tuple[dict, dict]:
-    """{label: {threat: model}} and the specs they stand for (folded into the resume hash)."""
+def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None, sde_engine: str | None = None
+                 ) -> tuple[dict, dict]:
+    """{label: {threat: model}} and the specs they stand for (folded into the resume hash).  sde_engine: the
+    engine of the SDE defenses when it is not cfg.engine (`choose_eval_engine`; LM runs eagerly anyway)."""
     t_star = {"Linf": cfg.t_star_linf, "L2": cfg.t_star_l2}
     models, specs = {}, {}
     for spec in cfg.defenses:
@@ -523,7 +528,8 @@ def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None) -> tu
         for threat in cfg.threats:
             d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient,
                               diffusion=cfg.diffusion, lm=cfg.lm_config())
-            per_threat[threat] = build_defense(d, score_model, classifier, engine=cfg.engine, eps_model=eps_model)
+            engine = sde_engine if sde_engine is not None and d.name in SDE_DEFENSES else cfg.engine
+            per_threat[threat] = build_defense(d, score_model, classifier, engine=engine, eps_model=eps_model)
             # What each model depends on: the bare classifier on nothing of these, LM not on t*, dt, diffusion.
             if d.name == "none":
                 what = {"name": "none"}
@@ -581,6 +587,35 @@ def _init_distributed(device) -> bool:
     return False
 
 
+def choose_eval_engine(cfg: EvalConfig, models: dict, x, y) -> EngineChoice | None:
+    """engine 'auto' on a CPU: the engine the SDE defenses should run (engines.choose_engine), from how often the
+    run calls each batch shape (the plan's upper-bound counts) and one measured step of an exact gradient; None
+    where there is nothing to choose (an explicit --engine, CUDA, no SDE defense)."""
+    if cfg.engine != "auto" or x.device.type != "cpu":
+        return None
+    settings, n_batches = cfg.attack_settings(), -(-x.shape[0] // cfg.batch_size)
+    calls = draws = 0.0  # batched calls, and the draws they run (a batched EOT call of K draws costs K rows)
+    probe = None
+    for label, per_threat in models.items():
+        for model in per_threat.values():
+            kw = getattr(model, "purify_kwargs", None)
+            if kw is None or kw["mode"] == LM_MODE or kw["gradient"] == "adjoint":  # these never compile
+                continue
+            probe = probe or model
+            randomized = is_randomized(model)
+            for attack in ["clean", *cfg.attacks]:
+                work = plan.attack_work(attack, settings, cfg.n_eval, randomized)
+                calls += n_batches * sum(count / samples for (_, samples), count in work.calls)
+                draws += n_batches * plan.solver_steps(model) * sum(count for _, count in work.calls)
+    if probe is None or not calls:
+        return None
+    batch = min(cfg.batch_size, x.shape[0]) if cfg.data == "digits" else min(cfg.batch_size, x.shape[0], 2)
+    per_row_step = plan.measure_step_seconds(probe, x[:batch], y[:batch], ["exact"], steps=1,
+                                             warmup=cfg.data == "digits")["exact"]
+    seconds_per_call = per_row_step * min(cfg.batch_size, x.shape[0]) * draws / calls  # the mean call
+    return choose_engine(x.device, int(calls), seconds_per_call)
+
+
 def run_eval(args) -> int:
     cfg = validate(config_from_args(args))
     check_out(cfg, create=False)  # before any work: a run whose results cannot be saved is not worth starting
@@ -592,6 +627,11 @@ def run_eval(args) -> int:
         t0 = time.perf_counter()
         score_model, eps_model, classifier, x, y = load_everything(cfg, device)
         models, specs = build_models(cfg, score_model, classifier, eps_model)
+        choice = choose_eval_engine(cfg, models, x, y)
+        if choice is not None and choice.engine != "eager":  # engine 'auto' is eager on a CPU
+            models, specs = build_models(cfg, score_model, classifier, eps_model, sde_engine=choice.engine)
+        if rank == 0 and choice is not None and (cfg.progress or cfg.dry_run):
+            print(f"coup-fast eval: {choice.reason}", file=sys.stderr)
         if cfg.dry_run:
             if rank == 0:
                 print(dry_run(cfg, models, x, y))

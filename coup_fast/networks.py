@@ -7,7 +7,8 @@ A step needs two things of the score model and the classifier (docs/design.md §
 
 `Networks` declares them; `EagerNetworks` runs them with autograd, and engines.compiled's
 `CompiledNetworks` runs the same maths compiled.  `vjp_objective` is the one place the objective
-<s, a> + lam <g, a> is written.
+<s, a> + lam <g, a> is written (the compiled engine differentiates it); `vjp_from_graph` takes its
+gradient through graphs already built (the eager adjoint).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Protocol
 import torch
 
 from . import ops
-from .guidance import confidence_grad
+from .guidance import classifier_logits, confidence_grad
 
 
 def batch_time(x, t: float):
@@ -31,6 +32,31 @@ def drift_terms(x, t: float, score_model, classifier, lam: float, *, create_grap
     return score, guidance
 
 
+def kept_drift_terms(x, t: float, score_model, classifier, lam: float, with_hessian: bool):
+    """A step's drift terms at a leaf x (grad enabled) with the graph its adjoint step differentiates kept:
+    (score with its graph, the guidance the step uses, the guidance with its graph or None).
+
+    The step's guidance is the plain backward's, bitwise what `drift_terms` gives: a backward with
+    create_graph=True runs some activations' differentiable formulas instead of their fused backward
+    kernels (SiLU's, for one), which round differently.  So the graph for lam H a comes from a second
+    backward of the same classifier forward, and a kept step drifts exactly as a recomputed one
+    (memory='lean'): one classifier backward more per kept step, none of its forward.
+    """
+    score = score_model(x, batch_time(x, t))
+    if not lam > 0:
+        return score, None, None
+    if not with_hessian:
+        return score, confidence_grad(classifier, x, log_confidence=ops.log_confidence), None
+    logits = classifier_logits(classifier, x)
+    if not logits.requires_grad:  # confidence_grad's check, same words
+        raise ValueError("classifier: its logits do not depend on its input through autograd (a detached output, "
+                         "or torch.no_grad / inference_mode inside it), so the guidance has no gradient")
+    objective = ops.log_confidence(logits).sum()
+    (value,) = torch.autograd.grad(objective, x, retain_graph=True)
+    (graph,) = torch.autograd.grad(objective, x, create_graph=True)
+    return score, value, graph
+
+
 def vjp_objective(score, guidance, a, lam, with_hessian: bool):
     """<s, a> + lam <g, a>: its gradient in x_k is J_s^T a + lam H a (docs/design.md §3).
 
@@ -42,6 +68,23 @@ def vjp_objective(score, guidance, a, lam, with_hessian: bool):
     return objective
 
 
+def vjp_from_graph(score, guidance, x, a, lam: float):
+    """The gradient in x of the VJP objective <s, a> + lam <g, a> through graphs already built, without
+    building the objective: autograd.grad of (s, g) with the upstreams (a, lam a) that the objective's
+    backward would form (bitwise the same: 1 * a and lam * a are exact products, and x sums the same
+    two contributions).  guidance None leaves out the lam H term.  Outputs that do not depend on x
+    (a constant score) contribute zero."""
+    pairs = [(score, a)]
+    if guidance is not None and lam != 0:
+        pairs.append((guidance, a * lam))
+    pairs = [(out, up) for out, up in pairs if out.requires_grad]
+    if not pairs:
+        return torch.zeros_like(x)
+    outs, ups = zip(*pairs)
+    (vjp,) = torch.autograd.grad(outs, x, ups, allow_unused=True)
+    return torch.zeros_like(x) if vjp is None else vjp
+
+
 def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hessian: bool):
     """J_s(x_k)^T a + lam H(x_k) a, recomputing one step's network graph (docs/design.md §3)."""
     with torch.enable_grad():
@@ -50,8 +93,7 @@ def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hess
         guidance = None
         if lam > 0 and with_hessian:
             guidance = confidence_grad(classifier, x_k, create_graph=True, log_confidence=ops.log_confidence)
-        (vjp,) = torch.autograd.grad(vjp_objective(score, guidance, a, lam, with_hessian), x_k)
-    return vjp
+        return vjp_from_graph(score, guidance, x_k, a, lam)
 
 
 class Networks(Protocol):
@@ -62,6 +104,10 @@ class Networks(Protocol):
 
     def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
         """J_s(x_k)^T a (+ lam H(x_k) a when with_hessian)."""
+
+    def kept_drift_terms(self, x, t: float, lam: float, with_hessian: bool):
+        """(score, the step's guidance or None, the guidance with its graph or None) at a leaf x, grad
+        enabled: the graphs a kept step differentiates (see `kept_drift_terms`)."""
 
 
 class EagerNetworks:
@@ -75,3 +121,6 @@ class EagerNetworks:
 
     def vjp(self, x_k, a, t: float, lam: float, with_hessian: bool):
         return adjoint_vjp(x_k, a, t, self.score_model, self.classifier, lam, with_hessian)
+
+    def kept_drift_terms(self, x, t: float, lam: float, with_hessian: bool):
+        return kept_drift_terms(x, t, self.score_model, self.classifier, lam, with_hessian)

@@ -105,6 +105,18 @@ class PrecisionNet(nn.Module):
         return out.to(dtype).contiguous()
 
 
+# relative round-off of one product in each compute mode: bf16's 8-bit and TF32's 11-bit significands
+ROUNDING = {"fp32": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+
+
+def network_rounding(*nets) -> float:
+    """The largest relative round-off that the precision knobs of these networks (PrecisionNet wrappers from
+    `prepare`) add to their products: 0 for plain (fp32) networks.  Checks that compare two ways of
+    computing the same network maths (e.g. compiled against eager) scale their tolerance by it."""
+    knobs = [net.precision.compute for net in nets if isinstance(net, PrecisionNet)]
+    return max((ROUNDING[k] for k in knobs), default=0.0)
+
+
 def prepare(net, precision: Precision):
     """`net` wrapped for `precision`; a channels_last copy when asked (the caller's net is untouched)."""
     if precision == Precision():

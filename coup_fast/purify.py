@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from . import engines
+from .adjoint import MEMORY, check_memory  # noqa: F401  (memory=: "auto", "lean", "fast" or a budget)
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
 from .lm import LMConfig
 from .networks import EagerNetworks
 from .solver import LM_MODE, MODES, NoiseStream, NonFiniteCheck, PurifyConfig, pipeline
 
-MEMORY = ("lean", "fast")
 GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
 RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
 
@@ -69,7 +69,7 @@ def _check_models(score_model, classifier, x=None):
         _warn_if_training(name, model)
 
 
-def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact", memory="lean", engine="auto",
+def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact", memory="auto", engine="auto",
                    diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None):
     """Check purify's settings (everything but the tensors and the models); raise ValueError naming the
     first bad one.  Returns N, the number of steps."""
@@ -82,8 +82,7 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
     if mode == LM_MODE and gradient == "adjoint":
         raise ValueError(f"gradient: 'adjoint' is the published attack on the SDE purifiers; mode {LM_MODE!r} takes "
                          "'exact', 'detached-guidance' or 'bpda'")
-    if not isinstance(memory, str) or memory not in MEMORY:
-        raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
+    check_memory(memory)  # raises "memory: expected 'auto', 'lean', 'fast', a budget ..."
     engines.check_engine(engine)
     if not (_is_real(t_star) and 0.0 < t_star <= 1.0):
         raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
@@ -111,7 +110,7 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
 
 
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
-             memory="lean", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
+             memory="auto", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
              max_steps=MAX_STEPS, lm=None) -> PurifyConfig:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
@@ -174,7 +173,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
 
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
-           gradient="exact", memory="lean", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
+           gradient="exact", memory="auto", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
            max_steps=MAX_STEPS, lm=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
@@ -194,9 +193,13 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
     sdeint_adjoint, Euler, dt, BrownianInterval, path from t* to 1e-5, guidance detached; not an exact
     gradient; coup_fast.reference.solve_published), 'bpda' (straight-through), 'detached-guidance'
-    (purify's own solve with the guidance constant in the backward pass).  memory: 'lean' (exact gradient
-    stores the trajectory and recomputes one step's graph at a time) or 'fast' (keeps every
-    step's graph: no recompute, N steps of activations).  Every gradient is with respect to x:
+    (purify's own solve with the guidance constant in the backward pass).  memory (the exact gradient's
+    step graphs): 'auto' (default: keep step graphs while they fit a quarter of the device's free
+    memory, recompute the other steps), a budget in bytes, a size ('512MiB', '2GB') or a share of free
+    memory ('40%') (the same under that budget), 'lean' (store the trajectory, recompute one step's
+    graph at a time), all bitwise the same output and gradient; or 'fast' (keep every step's graph: no
+    recompute, N steps of activations, equal to the others to round-off); coup_fast.adjoint.  The graph
+    engine always recomputes (its captured adjoint is 'lean').  Every gradient is with respect to x:
     model parameters are constants (their .grad is never touched); torch.autograd only, not
     torch.func transforms.
     engine: 'auto' (default: CUDA tensors run the CUDA-graph engine, coup_fast.engines.graph, bitwise

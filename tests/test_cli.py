@@ -260,3 +260,36 @@ def test_every_eval_flag_has_help():
     eval_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
     missing = [a.option_strings for a in eval_parser._actions if a.option_strings and not a.help]
     assert not missing
+
+
+def test_auto_engine_compiles_only_when_the_run_pays_for_it(monkeypatch):
+    """engine 'auto' on a CPU: 'compile' when (calls per batch shape) x (saving per call) beats the compile time,
+    counted from the run's own plan and one measured step; explicit engines and the bare classifier untouched."""
+    from coup_fast import cli, engines
+    from coup_fast.models import load_digits_models
+    from coup_fast.data import load_digits
+
+    monkeypatch.setattr(engines.shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler
+    score, clf = load_digits_models()
+    x, y = load_digits("test", n=4)
+
+    def choice(argv, compile_seconds):
+        cfg = validate(_cfg(["--n-images", "4", "--batch-size", "4", "--device", "cpu", *argv]))
+        models, _ = build_models(cfg, score, clf)
+        monkeypatch.setattr(cli, "choose_engine", lambda *a, **k: engines.choose_engine(
+            *a, compile_seconds=compile_seconds, **k))
+        return cli.choose_eval_engine(cfg, models, x, y)
+
+    few = choice(["--defenses", "none,coup", "--attacks", "apgd-ce", "--n-iter", "2"], compile_seconds=1e6)
+    many = choice(["--defenses", "none,coup", "--attacks", "apgd-ce", "--n-iter", "2"], compile_seconds=1e-6)
+    assert (few.engine, few.compiles, many.engine, many.compiles) == ("eager", False, "compile", True)
+    # clean: one batched call of R draws; APGD-CE: a gradient at the start point and one per iteration (3), then
+    # its 2 candidates' R evaluations (one batched call each)
+    assert "6 calls per shape" in few.reason
+    assert "compiling" in many.reason
+    assert choice(["--defenses", "none,coup", "--engine", "eager"], 1e-6) is None  # explicit: kept
+    assert choice(["--defenses", "none,lm"], 1e-6) is None  # LM runs eagerly whatever the engine
+    cfg = validate(_cfg(["--n-images", "4", "--defenses", "none,coup,lm", "--device", "cpu"]))
+    models, _ = build_models(cfg, score, clf, sde_engine="compile")
+    assert models["coup"]["Linf"].purify_kwargs["engine"] == "compile"
+    assert models["lm"]["Linf"].purify_kwargs["engine"] == "auto"

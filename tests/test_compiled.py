@@ -29,10 +29,16 @@ def _noise(mode, shape):
 
 
 @pytest.mark.parametrize("mode,gradient,memory", [("coup", "exact", "lean"), ("coup", "exact", "fast"),
+                                                  ("coup", "exact", "auto"), ("coup", "exact", "one-step"),
                                                   ("coup", "detached-guidance", "lean"),
                                                   ("coup", "detached-guidance", "fast"), ("reverse", "exact", "lean")])
 def test_compiled_engine_equals_unrolled_autograd(problem, mode, gradient, memory):
     score, clf, x, upstream = problem
+    if memory == "one-step":  # a budget that keeps the first of the 3 step graphs, recomputes the others
+        from coup_fast.adjoint import KeptStep
+
+        step = KeptStep.record_exact(2 * x - 1, T_STAR, COMPILE_ENGINE.networks(score, clf), LAM, True).graph_bytes()
+        memory = 2 * step + 3 * x.numel() * x.element_size()
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM, mode=mode, noise=_noise(mode, x.shape), gradient=gradient)
     out, grad = out_and_grad(lambda v: purify(v, score, clf, engine="compile", memory=memory, **kw), x, upstream)
     ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
@@ -156,3 +162,29 @@ def test_compiled_engine_falls_back_where_compile_drops_the_hessian(problem, mem
     ref_out, ref_grad = out_and_grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() <= 1e-8
+
+
+def test_choose_engine_compiles_only_where_it_pays(monkeypatch):
+    from coup_fast import engines
+
+    assert engines.choose_engine("cuda", 10_000).engine == "auto"  # CUDA graphs, bitwise eager
+    monkeypatch.setattr(engines.shutil, "which", lambda name: "/usr/bin/" + name)
+    few, many = engines.choose_engine("cpu", 10), engines.choose_engine("cpu", engines.COMPILE_MIN_CALLS)
+    assert (few.engine, few.compiles) == ("eager", False) and (many.engine, many.compiles) == ("compile", True)
+    assert "compiling" in many.reason
+    # with a measured call time: compile when the calls' saving beats the compile time
+    assert engines.choose_engine("cpu", 100, seconds_per_call=10.0).engine == "compile"
+    assert engines.choose_engine("cpu", 100, seconds_per_call=0.01).engine == "eager"
+    monkeypatch.setattr(engines.shutil, "which", lambda name: None)
+    assert engines.choose_engine("cpu", 10**6).engine == "eager"  # no C++ compiler for inductor
+    for choice in (few, many):
+        assert choice.engine in engines.CHOICES
+
+
+def test_network_rounding_of_the_precision_knobs():
+    from coup_fast.precision import Precision, network_rounding, prepare
+
+    score, clf = neural_problem(dtype=torch.float32)
+    assert network_rounding(score, clf) == 0.0
+    assert network_rounding(prepare(score, Precision("bf16")), clf) == 2.0**-8
+    assert network_rounding(prepare(score, Precision("tf32")), prepare(clf, Precision(channels_last=True))) == 2.0**-11

@@ -39,15 +39,27 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _two_steps_budget(score, clf, x):
+    """A memory budget that keeps the first two of the 4 step graphs and recomputes the other two."""
+    from coup_fast.adjoint import KeptStep
+    from coup_fast.networks import EagerNetworks
+
+    step = KeptStep.record_exact(2 * x - 1, T_STAR, EagerNetworks(score, clf), LAM, True).graph_bytes()
+    return 3 * step + 4 * x.numel() * x.element_size()
+
+
 @pytest.mark.parametrize("kind", ["analytic", "neural"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("gradient", ["exact", "detached-guidance"])
-def test_adjoint_equals_unrolled_autograd(kind, mode, gradient):
+@pytest.mark.parametrize("memory", ["auto", "lean", "fast", "two-steps"])
+def test_adjoint_equals_unrolled_autograd(kind, mode, gradient, memory):
     score, clf, x = _problem(kind)
     noise = _noise(mode, x.shape)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    if memory == "two-steps":
+        memory = _two_steps_budget(score, clf, x)
     kw = dict(t_star=T_STAR, dt=DT, lam=LAM, mode=mode, noise=noise, gradient=gradient)
-    out, grad = _grad(lambda v: purify(v, score, clf, **kw), x, upstream)
+    out, grad = _grad(lambda v: purify(v, score, clf, memory=memory, **kw), x, upstream)
     ref_out, ref_grad = _grad(lambda v: purify_unrolled(v, score, clf, **kw), x, upstream)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     assert _rel(grad, ref_grad) <= 1e-8
@@ -67,11 +79,15 @@ def test_seeded_fused_path_equals_unrolled(kind):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_neural_models(mode):
+@pytest.mark.parametrize("memory", ["lean", "two-steps"])
+def test_gradcheck_neural_models(mode, memory):
     score, clf, x = _problem("neural")
     x = x[:1].clone().requires_grad_(True)
     noise = _noise(mode, x.shape)
-    fn = lambda v: purify(v, score, clf, t_star=T_STAR, dt=DT, lam=LAM, mode=mode, noise=noise)  # noqa: E731
+    if memory == "two-steps":
+        memory = _two_steps_budget(score, clf, x.detach())
+    fn = lambda v: purify(v, score, clf, t_star=T_STAR, dt=DT, lam=LAM, mode=mode, noise=noise,  # noqa: E731
+                          memory=memory)
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
 
 

@@ -192,9 +192,144 @@ def test_fast_memory_mode_gives_the_unrolled_gradient(mode, gradient):
     assert ((fast - ref).norm() / ref.norm()).item() < 1e-8
 
 
-def test_memory_mode_is_validated(analytic):
+@pytest.mark.parametrize("memory", ["huge", "-1MiB", "0%", "150%", "2 parsecs", -1, 1.5, True, None])
+def test_memory_mode_is_validated(analytic, memory):
     with pytest.raises(ValueError, match="^memory:"):
-        purify(_x(), *analytic, memory="huge")
+        purify(_x(), *analytic, memory=memory)
+    with pytest.raises(ValueError, match="^memory:"):
+        PurifiedClassifier(*analytic, memory=memory)
+
+
+@pytest.mark.parametrize("memory,want", [("auto", "auto"), ("lean", "lean"), ("fast", "fast"), (0, 0), (4096, 4096),
+                                         ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5 GiB", int(1.5 * 2**30)),
+                                         ("64k", 64 * 2**10), ("40%", 0.4), ("100 %", 1.0), ("1000", 1000)])
+def test_memory_budgets_are_parsed(memory, want):
+    from coup_fast.adjoint import check_memory
+
+    assert check_memory(memory) == want
+
+
+def _digits_problem(batch=3):
+    """The shipped digits models (SiLU networks: a create_graph backward rounds differently from the plain
+    one there) and a batch of test digits."""
+    from coup_fast.data import load_digits
+    from coup_fast.models import load_digits_models
+
+    score, clf = load_digits_models()
+    for p in list(score.parameters()) + list(clf.parameters()):
+        p.requires_grad_(False)
+    x, y = load_digits("test", n=batch, seed=1)
+    return score, clf, x, y
+
+
+def _bits(score, clf, x, y, **kw):
+    xr = x.clone().requires_grad_(True)
+    out = purify(xr, score, clf, generator=torch.Generator().manual_seed(3), **kw)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(clf(out), y), xr)
+    return out.detach(), grad
+
+
+def _step_bytes(score, clf, x, lam=1.0):
+    """The bytes one kept step graph of these models holds at x's batch (what a memory budget is counted in)."""
+    from coup_fast.adjoint import KeptStep
+    from coup_fast.networks import EagerNetworks
+
+    return KeptStep.record_exact(2 * x - 1, 0.01, EagerNetworks(score, clf), lam, True).graph_bytes()
+
+
+@pytest.mark.parametrize("mode,gradient", [("coup", "exact"), ("coup", "detached-guidance"), ("diffpure", "exact")])
+def test_memory_budgets_give_the_lean_gradient_bitwise(mode, gradient):
+    """Every budget, from none to every step kept, gives bitwise memory='lean''s output and gradient (the
+    default before the budget): a kept step drifts with the plain backward's guidance, as a recomputed one."""
+    score, clf, x, y = _digits_problem()
+    kw = dict(t_star=0.02, dt=0.004, mode=mode, gradient=gradient)  # 5 steps
+    step = _step_bytes(score, clf, x)
+    out, grad = _bits(score, clf, x, y, memory="lean", **kw)
+    for memory in ("auto", "50%", 0, 1, int(2.5 * step), 10 * step, f"{10 * step}B"):
+        got_out, got_grad = _bits(score, clf, x, y, memory=memory, **kw)
+        assert torch.equal(got_out, out) and torch.equal(got_grad, grad), memory
+
+
+def test_memory_budget_keeps_the_step_graphs_that_fit():
+    """The forward keeps the first K step graphs, K as many as fit with the other steps' states and one
+    recomputed graph; what it holds at the end of the forward stays under the budget."""
+    from coup_fast import adjoint
+    from coup_fast.networks import EagerNetworks
+    from coup_fast.sde import ReverseGrid
+    from coup_fast.solver import NoiseStream, PurifyConfig
+
+    score, clf, x, _ = _digits_problem(batch=4)
+    config = PurifyConfig(ReverseGrid.from_dt(0.01, 1e-3), 1.0, "coup")  # N = 10
+    state = (2 * x - 1).requires_grad_(True)
+    step, state_bytes = _step_bytes(score, clf, x), state.numel() * state.element_size()
+
+    def forward(memory):
+        out = adjoint.exact_solve(state, EagerNetworks(score, clf), config, NoiseStream(state, config, seed=5),
+                                  memory=memory)
+        return out, out.grad_fn  # ExactSolve's backward node is its ctx
+
+    for budget, kept in ((0, 0), (1, 0), (10 * step, 10), (None, 10), (4 * step + 10 * state_bytes, 3),
+                         (int(6.5 * step), 5)):
+        out, ctx = forward("fast" if budget is None else budget)
+        assert ctx.kept_steps == kept, budget
+        if budget not in (None, 0):
+            assert ctx.step_bytes == step
+            steps = ctx.steps if kept else [None] * 10
+            held = adjoint.graph_bytes(*[t for s in steps if s is not None for t in (s.x, s.score, s.guidance)])
+            stored = sum(s is None for s in steps) * state_bytes
+            if budget >= 10 * state_bytes + step:  # below what 'lean' needs, it runs 'lean'
+                assert held + stored + (step if kept < 10 else 0) <= budget
+        del out, ctx
+    assert adjoint.plan_kept_steps(10, step, state_bytes, 10 * step - 1) == 8  # one graph's room for the recompute
+
+
+def test_memory_auto_is_a_share_of_free_memory(monkeypatch):
+    from coup_fast import adjoint
+
+    monkeypatch.setattr(adjoint, "free_memory", lambda device: 1000)
+    assert adjoint.memory_budget("auto", "cpu") == int(adjoint.AUTO_FRACTION * 1000)
+    assert adjoint.memory_budget("40%", "cpu") == 400
+    assert adjoint.memory_budget("lean", "cpu") == 0 and adjoint.memory_budget("fast", "cpu") is None
+    assert adjoint.free_memory.__module__ and adjoint.memory_budget(123, "cpu") == 123
+    monkeypatch.undo()
+    assert 0 < adjoint.free_memory("cpu") < 2**50
+
+
+_RSS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from benchmarks import _harness
+from coup_fast import purify
+from coup_fast.models import load_digits_models
+if _harness.reset_peak_rss() is None:
+    print("skip"); sys.exit()
+score, clf = load_digits_models()
+for p in list(score.parameters()) + list(clf.parameters()):
+    p.requires_grad_(False)
+x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+def grad(memory):
+    xr = x.clone().requires_grad_(True)
+    torch.autograd.grad(purify(xr, score, clf, t_star=0.03, memory=memory).sum(), xr)
+grad("lean")  # the libraries' one-time set-up
+print(*[_harness.peak_growth(lambda m=m: grad(m), trim=True) / 2**20 for m in ("lean", "fast", "64MiB")])
+"""
+
+
+def test_memory_budget_bounds_the_resident_set():
+    """End to end, in a fresh process: the peak resident set of one gradient stays near the budget (64 MiB),
+    where keeping every graph (memory='fast', N = 30 steps of ~8.6 MiB at batch 32) takes about 4x that."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.strip() == "skip":
+        pytest.skip("no resettable peak-RSS mark on this OS")
+    lean, fast, budget = map(float, proc.stdout.split())
+    assert fast > 200 and lean < 48
+    assert budget <= 64 + 24  # the budget, plus allocator slack and the step being computed
 
 
 def test_numpy_scalars_are_numbers(analytic):
