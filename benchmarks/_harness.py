@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def device_name(device: str = "cpu") -> str:
@@ -159,3 +160,27 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+class _RecordConvolutions(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+            self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def recorded_convolutions(step) -> list:
+    """The aten convolution calls (forward and backward) that step() makes, with their arguments: replaying
+    them (`replay`) times the convolution kernels alone, the floor of any engine that keeps torch's convolutions."""
+    with _RecordConvolutions() as rec:
+        step()
+    return rec.calls
+
+
+def replay(calls):
+    for func, args, kwargs in calls:
+        func(*args, **kwargs)

@@ -53,7 +53,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import _harness as H
 import coup_fast
@@ -345,17 +344,6 @@ def workload_attacks(score, clf, args, methods) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- floor
-class _Convolutions(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
-            self.calls.append((func, args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
 def _repeated(fn, n: int):
     def run():
         for _ in range(n):
@@ -394,13 +382,10 @@ def workload_floor(score, clf, shape, args, step_ms: dict) -> list[dict]:
                     g = confidence_grad(c, leaf, create_graph=True)
                     return torch.autograd.grad((sc, g), leaf, (a, a * LAM))[0]
 
-            with _Convolutions() as rec:
-                step()
-            calls[name] = rec.calls
+            calls[name] = H.recorded_convolutions(step)
 
-            def convolutions(recorded=rec.calls):
-                for func, cargs, ckw in recorded:
-                    func(*cargs, **ckw)
+            def convolutions(recorded=calls[name]):
+                H.replay(recorded)
 
             fns["networks " + name], fns["conv " + name] = _repeated(step, n), _repeated(convolutions, n)
         best = H.time_round_robin(fns, repeats=5, device=args.device.type)

@@ -28,7 +28,6 @@ import argparse
 import json
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import _harness as H
 from coup_fast import purify
@@ -98,13 +97,12 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
                     drift_terms(state, setting.grid.t(k), score, clf, LAM)
     elif method == "convolutions":  # only the convolution kernels of those calls, replayed
         with torch.no_grad():  # as in "networks" (the guidance turns grad on for its backward)
-            calls = _recorded_convolutions(lambda: drift_terms(2 * x - 1, setting.grid.t(0), score, clf, LAM))
+            calls = H.recorded_convolutions(lambda: drift_terms(2 * x - 1, setting.grid.t(0), score, clf, LAM))
 
         def fn():
             with torch.no_grad():
                 for _ in range(setting.grid.n_steps):
-                    for op, args, kwargs in calls:
-                        op(*args, **kwargs)
+                    H.replay(calls)
     elif method == "torchsde":
         def fn():
             with torch.no_grad():
@@ -130,24 +128,6 @@ def _case_fn(method: str, batch: int, t_star: float, models: str = "digits"):
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return source, fn
-
-
-class _RecordConvolutions(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
-            self.calls.append((func, args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
-def _recorded_convolutions(step):
-    """The aten convolution (forward and backward) calls that step() makes, with their arguments."""
-    with _RecordConvolutions() as rec:
-        step()
-    return rec.calls
 
 
 def run_case(case: dict) -> dict:
