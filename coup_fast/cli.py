@@ -628,10 +628,11 @@ def run_eval(args) -> int:
         score_model, eps_model, classifier, x, y = load_everything(cfg, device)
         models, specs = build_models(cfg, score_model, classifier, eps_model)
         choice = choose_eval_engine(cfg, models, x, y)
-        if choice is not None and choice.engine != "eager":  # engine 'auto' is eager on a CPU
-            models, specs = build_models(cfg, score_model, classifier, eps_model, sde_engine=choice.engine)
         if rank == 0 and choice is not None and (cfg.progress or cfg.dry_run):
-            print(f"coup-fast eval: {choice.reason}", file=sys.stderr)
+            print(f"coup-fast eval: {choice.reason}" + ("; the dry run prices the eager engine (an upper bound)"
+                                                         if cfg.dry_run and choice.compiles else ""), file=sys.stderr)
+        if choice is not None and choice.engine != "eager" and not cfg.dry_run:  # engine 'auto' is eager on a CPU
+            models, specs = build_models(cfg, score_model, classifier, eps_model, sde_engine=choice.engine)
         if cfg.dry_run:
             if rank == 0:
                 print(dry_run(cfg, models, x, y))

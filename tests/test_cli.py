@@ -155,7 +155,7 @@ def _synthetic_cifar(root, n=10000, n_classes=10, name="cifar-10-batches-py", me
 
 
 @pytest.mark.slow
-def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, capsys):
+def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, capsys, monkeypatch):
     # The paper's CIFAR-10 protocol with full-size random NCSN++ deep and WRN-28-10 checkpoints, on the CPU:
     # every file is loaded strictly, a few steps of each kind are measured, the plan printed, nothing run.
     from safetensors.torch import save_file
@@ -163,6 +163,9 @@ def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, c
     from coup_fast.models.ncsnpp import NCSNpp, ncsnpp_cifar10_deep
     from coup_fast.models.wideresnet import WideResNet
 
+    from coup_fast import engines
+
+    monkeypatch.setattr(engines.shutil, "which", lambda name: "/usr/bin/" + name)  # as if a C++ compiler were here
     torch.manual_seed(0)
     save_file(NCSNpp(ncsnpp_cifar10_deep()).state_dict(), str(tmp_path / "score.safetensors"))
     torch.save({f"module.{k}": v for k, v in WideResNet(28, 10).state_dict().items()}, tmp_path / "wrn.pt")
@@ -172,7 +175,10 @@ def test_cifar_preset_dry_run_with_architecture_sized_random_weights(tmp_path, c
             "--classifier-ckpt", str(tmp_path / "wrn.pt"), "--device", "cpu", "--out", str(out), "--dry-run",
             "--no-progress"]
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    # a CPU run of this size would compile its steps; the dry run says so and prices the eager engine
+    assert "engine='compile'" in captured.err and "prices the eager engine" in captured.err
     assert "512 images of shape (3, 32, 32)" in text and "Nothing was run" in text and "H200" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "defense" not in line]
     # every defense x threat x (clean + attacks) of the preset has a row with a finite time, and its checks
