@@ -601,7 +601,7 @@ def choose_eval_engine(cfg: EvalConfig, models: dict, x, y) -> EngineChoice | No
             kw = getattr(model, "purify_kwargs", None)
             if kw is None or kw["mode"] == LM_MODE or kw["gradient"] == "adjoint":  # these never compile
                 continue
-            probe = probe or model
+            probe = model if probe is None else probe
             randomized = is_randomized(model)
             for attack in ["clean", *cfg.attacks]:
                 work = plan.attack_work(attack, settings, cfg.n_eval, randomized)
