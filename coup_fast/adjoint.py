@@ -233,7 +233,8 @@ class BudgetDrift:
     def __init__(self, nets, lam: float, with_hessian: bool, n_steps: int, budget: int | None):
         self.nets, self.lam, self.with_hessian, self.n_steps, self.budget = nets, lam, with_hessian, n_steps, budget
         self.steps: list = []
-        self.kept = None if budget else (n_steps if budget is None else 0)
+        # how many first steps keep their graphs: every one ('fast'), none ('lean'), or planned at step 0 (None)
+        self.kept = n_steps if budget is None else 0 if budget == 0 else None
         self.step_bytes = None
         # memory='fast' (no budget) keeps today's create_graph drift; a finite budget drifts as 'lean' does
         self.record = KeptStep.record if budget is None else KeptStep.record_exact
@@ -307,12 +308,9 @@ class ExactSolve(torch.autograd.Function):
             out = solve(x, config, stream, drift)
         steps = drift.steps
         ctx.kept_steps, ctx.step_bytes = drift.kept, drift.step_bytes
-        if drift.kept == 0:
-            ctx.save_for_backward(*steps)
-        else:
-            # the stored states go through save_for_backward (version-checked); the kept graphs hold their own
-            ctx.save_for_backward(*[s for s in steps if not isinstance(s, KeptStep)])
-            ctx.steps = [s if isinstance(s, KeptStep) else None for s in steps]
+        # the stored states go through save_for_backward (version-checked); the kept graphs hold their own
+        ctx.save_for_backward(*[s for s in steps if not isinstance(s, KeptStep)])
+        ctx.steps = [s if isinstance(s, KeptStep) else None for s in steps]
         ctx.nets, ctx.config, ctx.with_hessian = nets, config, with_hessian
         return out
 
