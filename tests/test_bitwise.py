@@ -34,9 +34,25 @@ CASES = [(problem, mode, gradient, memory)
          for memory in (("lean", "fast") if gradient in ("exact", "detached-guidance") else ("lean",))]
 
 
+def _cpu_model() -> str:
+    """The CPU's vendor and model (/proc/cpuinfo): oneDNN picks convolution kernels by microarchitecture, not only
+    by ISA, so an AMD EPYC and an Intel Xeon with the same AVX-512 give different bits for the same float32 or
+    float64 convolution.  Digests recorded before the model was part of the key were recorded on an AMD EPYC."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    vendor, model = fields.get("vendor_id", "unknown vendor"), fields.get("model name", "unknown model")
+    return vendor if vendor == "AuthenticAMD" else f"{vendor} {model}"
+
+
 def environment() -> str:
     return (f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, "
-            f"ops {coup_fast.backend_info()['cpu']}")
+            f"ops {coup_fast.backend_info()['cpu']}, {_cpu_model()}")
 
 
 def run_case(problem: str, mode: str, gradient: str, memory: str) -> str:
