@@ -251,8 +251,13 @@ class LMDraws:
     or drawn from `generator` (torch's global RNG if None).
     """
 
-    def __init__(self, like: torch.Tensor, config: LMConfig, seed: int | None = None, draws=None, generator=None):
+    def __init__(self, like: torch.Tensor, config: LMConfig, seed: int | None = None, draws=None, generator=None,
+                 rows=None):
         self.config, self.shape, self.dtype, self.device = config, tuple(like.shape), like.dtype, like.device
+        # rows = (ids, width): these B images are rows `ids` of a virtual batch of `width` and draw that batch's
+        # draws at those rows (solver.NoiseStream): the same whichever subset of the batch is purified
+        self.ids, width = (None, self.shape[0]) if rows is None else rows
+        self.full_shape = (width, *self.shape[1:])
         if draws is not None:
             self.seed, self.t, self.eps = None, draws[0].to(like.device, torch.int64), draws[1].to(like)
         else:
@@ -263,12 +268,16 @@ class LMDraws:
         """Step k's draws: t (K, B) int64 and eps (K, *shape)."""
         if self.t is not None:
             return self.t[k], self.eps[k]
-        K, B, numel = self.config.n_draws, self.shape[0], math.prod(self.shape)
+        K, width, numel = self.config.n_draws, self.full_shape[0], math.prod(self.full_shape)
         ts, epss = [], []
         for j in range(K):
             c_eps, c_t = draw_counters(k, j, K)
-            epss.append(philox_normal(self.seed, c_eps, self.shape, dtype=self.dtype, device=self.device))
-            ts.append(philox_index(self.seed, c_t, B, numel, self.config.t_range, self.device))
+            eps = philox_normal(self.seed, c_eps, self.full_shape, dtype=self.dtype, device=self.device)
+            t = philox_index(self.seed, c_t, width, numel, self.config.t_range, self.device)
+            if self.ids is not None:
+                eps, t = eps.index_select(0, self.ids), t.index_select(0, self.ids)
+            epss.append(eps)
+            ts.append(t)
         return torch.stack(ts), torch.stack(epss)
 
     def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,17 +505,18 @@ def _validate(x, eps_model, classifier, config, gradient, seed, draws, generator
 
 
 def lm_solve(x, eps_model, classifier, config: LMConfig = LMConfig(), *, seed=None, draws=None, generator=None,
-             gradient="exact"):
+             gradient="exact", rows=None):
     """LM purification of states x (B, ...) in [-1, 1]: x_M, x's shape (clamped to [-1, 1] only if config.clamp).
 
     eps_model(x_t, t) -> eps on integer DDPM indices t (B,) (DDPMUNet's convention; `index_eps_model` adapts a
     continuous score model); classifier(u) -> logits for u = (x + 1)/2 in [0, 1] (None when lam = 0).  The draws
     are the Philox stream of `seed` (drawn from `generator` when None) or explicit `draws` = (t, eps).
     gradient: 'exact', 'detached-guidance' or 'bpda' (module docstring).  Plugs into solver.pipeline as the
-    solve: `lambda state: lm_solve(state, ...)`.
+    solve: `lambda state: lm_solve(state, ...)`.  rows = (ids, width): draw as rows `ids` of a virtual batch of
+    `width` images (LMDraws; purify's `rows`).
     """
     _validate(x, eps_model, classifier, config, gradient, seed, draws, generator)
-    stream = LMDraws(x, config, seed=seed, draws=draws, generator=generator)
+    stream = LMDraws(x, config, seed=seed, draws=draws, generator=generator, rows=rows)
     if gradient == "bpda" or not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
             out = solve(x, eps_model, classifier, config, stream)

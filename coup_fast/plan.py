@@ -11,6 +11,7 @@ R times (coup_fast.attacks.candidate_count).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -123,12 +124,14 @@ def solver_steps(purified) -> int:
 def measure_step_seconds(purified, x: torch.Tensor, y: torch.Tensor, kinds, steps: int = 2, warmup: bool = True,
                          samples: int = 1) -> dict:
     """Seconds per image row and per step of each kind ('purify' or an attacker gradient) for a PurifiedClassifier,
-    from `steps` steps (the whole M-step solve for likelihood maximization) at batch x.shape[0] x `samples`
-    (after one untimed warm-up call)."""
+    from `steps` steps (SDE steps, or likelihood-maximization steps) at batch x.shape[0] x `samples` (after one
+    untimed warm-up call)."""
     kwargs = dict(purified.purify_kwargs)
-    lm = kwargs.get("mode") == LM_MODE
-    per_call = solver_steps(purified) if lm else steps
-    short = kwargs if lm else {**kwargs, "t_star": steps * kwargs.get("dt", 1e-3)}
+    per_call = min(steps, solver_steps(purified))  # a few steps of either kind; their cost scales with the count
+    if kwargs.get("mode") == LM_MODE:  # M optimizer steps, of which `steps` are measured (M may be large)
+        short = {**kwargs, "lm": dataclasses.replace(kwargs.get("lm") or LMConfig(), n_steps=per_call)}
+    else:
+        short = {**kwargs, "t_star": per_call * kwargs.get("dt", 1e-3)}
     out = {}
     for kind in kinds:
         model = PurifiedClassifier(purified.score_model, purified.classifier,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import engines
-from .adjoint import MEMORY, check_memory  # noqa: F401  (memory=: "auto", "lean", "fast" or a budget)
+from .adjoint import MEMORY, check_memory, free_memory  # noqa: F401  (memory=: "auto", "lean", "fast" or a budget)
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
 from .lm import LMConfig
 from .networks import EagerNetworks
@@ -84,9 +84,10 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
                          "'exact', 'detached-guidance' or 'bpda'")
     check_memory(memory)  # raises "memory: expected 'auto', 'lean', 'fast', a budget ..."
     engines.check_engine(engine)
-    if not (_is_real(t_star) and 0.0 < t_star <= 1.0):
+    lm_mode = mode == LM_MODE  # M optimizer steps: t_star and dt are not used, so not checked
+    if not lm_mode and not (_is_real(t_star) and 0.0 < t_star <= 1.0):
         raise ValueError(f"t_star: expected a number in (0, 1], got {t_star!r}")
-    if not (_is_real(dt) and 0.0 < dt <= t_star):
+    if not lm_mode and not (_is_real(dt) and 0.0 < dt <= t_star):
         raise ValueError(f"dt: expected 0 < dt <= t_star = {t_star}, got {dt!r}")
     if not (_is_real(lam) and math.isfinite(lam) and lam >= 0.0):
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
@@ -96,12 +97,16 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
         ddpm_index(float(t_star))  # DiffPure's discrete schedule diffuses to step 1000 t*: t* on that grid
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"generator: a {generator.device.type} generator draws no numbers; give a cpu or cuda one")
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"samples: expected an integer >= 1, got {samples!r}")
     if not isinstance(check_finite, bool):
         raise ValueError(f"check_finite: expected True or False, got {check_finite!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps: expected an integer >= 1, got {max_steps!r}")
+    if lm_mode:
+        return (lm or LMConfig()).n_steps
     n_steps = ReverseGrid.from_dt(float(t_star), float(dt)).n_steps
     if n_steps > max_steps:
         raise ValueError(f"dt: t*/dt = {t_star}/{dt} means N = {n_steps:,} steps per purification, above the limit of "
@@ -109,9 +114,50 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
     return n_steps
 
 
+def _check_size(x, samples: int, n_steps: int, gradient: str) -> None:
+    """Refuse, naming the argument, a call whose smallest memory cannot fit: the K B rows of the batch (state, score,
+    guidance: 3 copies) and, for a gradient that stores the trajectory, N states of them; the (N + 1, 2) noise table.
+    The networks' activations come on top, so this only turns certain allocator failures into clear errors."""
+    free = free_memory(x.device)
+    row_bytes = x[0].numel() * x.element_size()
+    batch = samples * x.shape[0] * row_bytes * 3
+    if batch > free:
+        raise ValueError(f"samples: {samples:,} samples of {x.shape[0]} images need at least {batch / 2**30:.3g} GiB for "
+                         f"the batch alone, {free / 2**30:.3g} GiB are free; purify fewer samples per call (EOT: chunk "
+                         "them, coup_fast.attacks' eot_chunk / --eot-chunk)")
+    keeps_states = gradient in ("exact", "detached-guidance") and torch.is_grad_enabled() and x.requires_grad
+    stored = n_steps * samples * x.shape[0] * row_bytes if keeps_states else 0
+    table = (n_steps + 1) * 16 * samples
+    if batch + stored + table > free:
+        raise ValueError(f"dt: N = {n_steps:,} steps need at least {(batch + stored + table) / 2**30:.3g} GiB (their "
+                         f"noise table{' and the stored trajectory of the gradient' if stored else ''}), "
+                         f"{free / 2**30:.3g} GiB are free; use a larger dt (or a lower max_steps)")
+
+
+def check_rows(rows, n: int, device):
+    """purify's rows= checked: None, or (ids, width) with n distinct integer ids in [0, width).  Returns None or
+    (ids as an int64 tensor on `device`, width)."""
+    if rows is None:
+        return None
+    expected = (f"rows: expected None or (ids, width): the {n} images' distinct row indices in a virtual batch of "
+                f"width images")
+    if not (isinstance(rows, (tuple, list)) and len(rows) == 2):
+        raise ValueError(f"{expected}, got {type(rows).__name__}")
+    ids, width = rows
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
+        raise ValueError(f"{expected}; width is {width!r}")
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or tuple(ids.shape) != (n,):
+        raise ValueError(f"{expected}; ids is a {ids.dtype} tensor of shape {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= width or ids.unique().numel() != n):
+        raise ValueError(f"{expected}; ids must be distinct and in [0, {width})")
+    return ids.to(device), int(width)
+
+
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
              memory="auto", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
-             max_steps=MAX_STEPS, lm=None) -> PurifyConfig:
+             max_steps=MAX_STEPS, lm=None, rows=None) -> PurifyConfig:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -125,6 +171,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
         raise ValueError(f"x: expected a batch of images (B, C, H, W) or vectors (B, D), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError("x: the batch is empty")
+    if x.numel() == 0:
+        raise ValueError(f"x: images of shape {tuple(x.shape[1:])} have no pixels")
     if not torch.isfinite(x).all():
         raise ValueError("x: contains NaN or Inf")
     if image_range:
@@ -135,6 +183,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
                    diffusion=diffusion, generator=generator, samples=samples, check_finite=check_finite,
                    max_steps=max_steps, lm=lm)
     _check_models(score_model, classifier, x)
+    if rows is not None and noise is not None:
+        raise ValueError("rows: the draws of explicit noise are given, not drawn for a virtual batch; pass one of them")
     if mode == LM_MODE and noise is not None:
         raise ValueError(f"noise: mode {LM_MODE!r} draws its (t, eps) from a seed (pass a generator); explicit draws go "
                          "to coup_fast.lm.lm_solve(draws=...)")
@@ -144,10 +194,12 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
     if effective_lam > 0.0 and torch.is_inference_mode_enabled():
         raise ValueError("lam: the guidance is a gradient of the classifier, which torch.inference_mode() forbids; "
                          "run purify under torch.no_grad() instead")
-    if mode == LM_MODE:  # purify's lam weighs the guidance of the LM objective; the SDE grid is unused
+    if mode == LM_MODE:  # purify's lam weighs the guidance of the LM objective; the SDE grid is unused (one step)
         lm_config = dataclasses.replace(lm or LMConfig(), lam=effective_lam)
-        return PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), 0.0, mode, diffusion, lm_config)
+        _check_size(x, samples, 1, gradient)
+        return PurifyConfig(ReverseGrid.from_dt(1.0, 1.0), 0.0, mode, diffusion, lm_config)
     config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion)
+    _check_size(x, samples, config.grid.n_steps, gradient)
     if abs(config.grid.h - dt) > 0.01 * dt:
         warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {config.grid.n_steps} steps of "
                       f"h = {config.grid.h:.4g}", stacklevel=3)
@@ -174,7 +226,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
            gradient="exact", memory="auto", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
-           max_steps=MAX_STEPS, lm=None):
+           max_steps=MAX_STEPS, lm=None, rows=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -210,16 +262,21 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     and shape compiles for tens of seconds).  gradient='adjoint' runs in torchsde whatever the engine.
     check_finite: check the purified images (and, in the backward pass, the gradient) once per call and
     raise a ValueError naming the network that produced NaN or Inf (False skips the check).
+    rows: None, or (ids, width): the B images are the rows `ids` (distinct, in [0, width)) of a virtual batch of
+    `width` images, and each draws exactly the noise that row would draw in a call of the whole batch, so an image's
+    purification does not depend on which others share its call (an evaluation attacks only the images still
+    standing, coup_fast.schedule); it runs on the eager or compile engine.
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape
     ((samples * B, ...) for samples > 1).
     """
     config = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                       noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
-                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm)
+                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, rows=rows)
+    rows = check_rows(rows, x.shape[0], x.device)
     if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
         x = x.repeat(samples, *([1] * (x.ndim - 1)))
-    engine = engines.select(engine, x, noise, gradient, samples, mode)
-    stream = NoiseStream(x, config, noise, generator, samples=samples)
+    engine = engines.select(engine, x, noise, gradient, samples, mode, rows=rows is not None)
+    stream = NoiseStream(x, config, noise, generator, samples=samples, rows=rows)
     eager = engines.ENGINES["eager"]
 
     def solve_state(state):
@@ -250,7 +307,8 @@ class PurifiedClassifier(nn.Module):
             raise ValueError(f"{unknown[0]}: not an argument of purify; expected some of {PURIFY_KWARGS}")
         if purify_kwargs.get("noise") is not None:
             raise ValueError("noise: a PurifiedClassifier draws fresh noise on every call; give generator= instead")
-        check_settings(**{k: v for k, v in purify_kwargs.items() if k != "noise"})
+        check_settings(**{k: v for k, v in purify_kwargs.items() if k not in ("noise", "rows")})
+        check_rows(purify_kwargs.get("rows"), len(purify_kwargs["rows"][0]) if purify_kwargs.get("rows") else 0, "cpu")
         _check_models(score_model, classifier)
         self.score_model, self.classifier = score_model, classifier
         self.purify_kwargs = purify_kwargs

@@ -59,13 +59,17 @@ class NoiseStream:
     None: z_k is the Philox stream of a seed, regenerated, never stored (docs/design.md §5); without a
     seed one is drawn from `generator` (torch's global RNG if None).  samples = K > 1: x holds K
     samples of B rows each, and sample r draws from the r-th of K seeds drawn in order, exactly as the
-    r-th of K calls of one sample would (batched EOT).
+    r-th of K calls of one sample would (batched EOT).  rows = (ids, width): the B images are the rows `ids` of a
+    virtual batch of `width` images and draw exactly that batch's noise at those rows (the fused ops make the whole
+    virtual batch's draw and keep those rows), so an image's noise is the same whichever subset of the batch is
+    purified: what lets an evaluation attack only the images still standing (coup_fast.schedule).
     """
 
     def __init__(self, like: torch.Tensor, config: PurifyConfig, noise=None, generator=None, seed: int | None = None,
-                 samples: int = 1):
+                 samples: int = 1, rows=None):
         self.config, self.device = config, like.device
         self.tensor = None if noise is None else noise.to(like.dtype)
+        self.rows = rows  # (ids, width): the images are rows `ids` of a virtual batch of `width` (check_rows)
         if noise is not None:
             self.seeds = []
         elif seed is not None:
@@ -96,16 +100,27 @@ class NoiseStream:
                  for r, table in enumerate(self.tables)]
         return torch.cat(parts)
 
+    def _draw(self, part, rng_row):
+        """The stream's draw for the rows of `part` (one sample): itself, or, with `rows`, those rows of the draw of
+        the whole virtual batch, so that an image's noise does not depend on which others share its batch."""
+        if self.rows is None:
+            return ops.normal_noise(part, rng_row)
+        ids, width = self.rows
+        return ops.normal_noise(part.new_empty((width, *part.shape[1:])), rng_row).index_select(0, ids)
+
     def diffusion_eps(self, like):
         """DiffPure's forward-diffusion draw; it depends on x's shape only, never on its values."""
         if self.tensor is not None:
             return self.tensor[0]
         counter = diffusion_counter(self.config.grid.n_steps)
-        return self._per_sample(lambda part, table: ops.normal_noise(part, table[counter]), like.detach())
+        return self._per_sample(lambda part, table: self._draw(part, table[counter]), like.detach())
 
     def step(self, x, score, guidance, k: int, beta_dt: float, lam: float):
         if self.tensor is not None:
             return euler_maruyama_step(x, score, guidance, beta_dt, lam, self.tensor[self.offset + k])
+        if self.rows is not None:
+            return self._per_sample(lambda x, s, g, table: euler_maruyama_step(
+                x, s, g, beta_dt, lam, self._draw(x.detach(), table[k])), x, score, guidance)
         return self._per_sample(lambda x, s, g, table: ops.em_step(x, s, g, table[k], beta_dt, lam), x, score, guidance)
 
     def step_draws(self):
@@ -119,9 +134,13 @@ class NoiseStream:
         n = self.config.grid.n_steps
         counters = ([diffusion_counter(n)] if self.offset else []) + list(range(n))
         rows = like.shape[0] // len(self.seeds)
-        shape = (rows, *like.shape[1:])
-        return torch.stack([torch.cat([philox_normal(seed, k, shape, dtype=like.dtype, device=like.device)
-                                       for seed in self.seeds]) for k in counters])
+        ids, width = self.rows if self.rows is not None else (None, rows)
+        shape = (width, *like.shape[1:])
+
+        def draw(seed, k):
+            z = philox_normal(seed, k, shape, dtype=like.dtype, device=like.device)
+            return z if ids is None else z.index_select(0, ids)
+        return torch.stack([torch.cat([draw(seed, k) for seed in self.seeds]) for k in counters])
 
 
 # Drift strategies: drift(k, t, x) -> (score, guidance or None) for step k at time t.

@@ -61,7 +61,7 @@ def test_cifar_preset_is_the_papers_setting(tmp_path):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_settings_name_the_field(argv, field):
-    with pytest.raises(ConfigError, match=f"^{field}:"):
+    with pytest.raises(ConfigError, match=f"^--{field.replace('_', '-')}:"):
         validate(_cfg(argv))
 
 
@@ -87,7 +87,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     argv = ["eval", "--data", "cifar10", "--cifar-dir", str(tmp_path / "cifar"), "--score-ckpt",
             str(tmp_path / "missing.pth"), "--classifier-ckpt", str(tmp_path / "wrn.pt"), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
-    assert "score_ckpt: no such file" in capsys.readouterr().err
+    assert "--score-ckpt: no such file" in capsys.readouterr().err
 
 
 def test_wrong_architecture_checkpoints(tmp_path, capsys, monkeypatch):
@@ -98,13 +98,13 @@ def test_wrong_architecture_checkpoints(tmp_path, capsys, monkeypatch):
             "--device", "cpu"]
     assert main(base + ["--score-ckpt", str(tmp_path / "score.pth"), "--classifier-ckpt", str(tmp_path / "wrn.pt")]) == 2
     err = capsys.readouterr().err
-    assert "score_ckpt: cannot load" in err and "NCSN++" in err
+    assert "--score-ckpt: cannot load" in err and "NCSN++" in err
     assert not (tmp_path / "o").exists()
     # A good score model but a classifier file of another architecture.
     monkeypatch.setattr("coup_fast.models.ncsnpp.load_ncsnpp", lambda path, device="cpu": torch.nn.Identity())
     assert main(base + ["--score-ckpt", str(tmp_path / "score.pth"), "--classifier-ckpt", str(tmp_path / "wrn.pt")]) == 2
     err = capsys.readouterr().err
-    assert "classifier_ckpt: cannot load" in err and "WideResNet-28-10" in err
+    assert "--classifier-ckpt: cannot load" in err and "WideResNet-28-10" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -112,9 +112,9 @@ def test_digits_weights_and_subset_problems_name_the_field(tmp_path, capsys):
     (tmp_path / "w").mkdir()  # exists, but holds no weights
     base = ["eval", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
     assert main(base + ["--weights-dir", str(tmp_path / "w")]) == 2
-    assert "weights_dir: cannot load the digits models" in capsys.readouterr().err
+    assert "--weights-dir: cannot load the digits models" in capsys.readouterr().err
     assert main(base + ["--n-images", "5000"]) == 2
-    assert "n_images: the digits test split has" in capsys.readouterr().err
+    assert "--n-images: the digits test split has" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -127,10 +127,10 @@ def test_config_files_toml_and_yaml_with_flag_override(tmp_path):
     cfg = validate(_cfg(["--config", str(tmp_path / "run.yaml")]))
     assert cfg.threats == ["Linf", "L2"] and cfg.t_star_linf == cfg.t_star_l2 == 0.05
     (tmp_path / "bad.toml").write_text("atacks = ['apgd-ce']\n")
-    with pytest.raises(ConfigError, match="^atacks:"):
+    with pytest.raises(ConfigError, match="^--atacks:"):
         _cfg(["--config", str(tmp_path / "bad.toml")])
     (tmp_path / "bad2.yaml").write_text("eps_linf: -1\n")
-    with pytest.raises(ConfigError, match="^eps_linf:"):
+    with pytest.raises(ConfigError, match="^--eps-linf:"):
         validate(_cfg(["--config", str(tmp_path / "bad2.yaml")]))
 
 
@@ -201,11 +201,11 @@ def test_cifar100_preset_is_sec_5_2_1(tmp_path):
     assert cfg.attacks == ["apgd-ce"] and cfg.threats == ["Linf"] and cfg.eps_linf == pytest.approx(8 / 255)
     assert (cfg.n_images, cfg.subset, cfg.lam) == (512, "paper", 1.0)
     assert {"lm", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"} <= set(cfg.defenses)
-    with pytest.raises(ConfigError, match="^ddpm_ckpt: required"):
+    with pytest.raises(ConfigError, match="^--ddpm-ckpt: required"):
         validate(EvalConfig(**base))
-    with pytest.raises(ConfigError, match="^score_ckpt: unused"):
+    with pytest.raises(ConfigError, match="^--score-ckpt: unused"):
         validate(EvalConfig(**base, ddpm_ckpt=str(tmp_path / "ddpm.ckpt"), score_ckpt=str(tmp_path / "s.pth")))
-    with pytest.raises(ConfigError, match="^score_ckpt: required"):
+    with pytest.raises(ConfigError, match="^--score-ckpt: required"):
         validate(EvalConfig(**base, ddpm_ckpt=str(tmp_path / "ddpm.ckpt"), defenses="lm,coup"))
     cfg = validate(EvalConfig(**base, score_ckpt=str(tmp_path / "s.pth"), defenses="none,coup,coup@adjoint"))
     assert cfg.defenses == ["none", "coup", "coup@adjoint"]

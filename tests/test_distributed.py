@@ -52,9 +52,9 @@ def test_cpu_run_on_a_gpu_machine_joins_with_gloo(monkeypatch):
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     _fake_torchrun(monkeypatch, local_rank=1, gpus=1)
-    with pytest.raises(ConfigError, match=r"^device: torchrun's local rank 1 has no GPU.*--nproc_per_node"):
+    with pytest.raises(ConfigError, match=r"^--device: torchrun's local rank 1 has no GPU.*--nproc_per_node"):
         _device(EvalConfig())
-    with pytest.raises(ConfigError, match=r"^device: torchrun's local rank 1 has no GPU"):
+    with pytest.raises(ConfigError, match=r"^--device: torchrun's local rank 1 has no GPU"):
         _init_distributed(torch.device("cuda"))
     joined = _fake_torchrun(monkeypatch, local_rank=1, gpus=2)
     assert _device(EvalConfig()) == torch.device("cuda", 1)

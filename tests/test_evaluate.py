@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import coup_fast.evaluate as ev
-from coup_fast import PurifiedClassifier
+from coup_fast import PurifiedClassifier, stats
 from coup_fast.attacks import AttackSettings
 from coup_fast.evaluate import ALL, CLEAN, Defense, batch_seed, build_defense, evaluate, select_worst, worst_label
 from coup_fast.lm import LMConfig
@@ -33,7 +33,7 @@ def test_clean_accuracy_of_a_bare_classifier_is_exact():
     correct = int((clf(x).argmax(1) == y).sum())
     assert (cell["n"], cell["runs"]) == (6, 1)  # deterministic: one evaluation, whatever R is
     assert cell["mean"] == cell["worst"] == pytest.approx(100.0 * correct / 6)
-    lo, hi = ev.stats.wilson_interval(correct, 6)
+    lo, hi = stats.wilson_interval(correct, 6)
     assert (cell["worst_lo"], cell["worst_hi"]) == (pytest.approx(100 * lo, abs=1e-3), pytest.approx(100 * hi, abs=1e-3))
 
 
@@ -50,8 +50,9 @@ def test_randomized_defense_is_measured_R_times_and_worst_is_at_most_mean(tmp_pa
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {r["attack"] for r in saved["rows"]} == {CLEAN, "apgd-ce", ALL}
     assert "apgd-ce" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "results.csv").read_text().splitlines()[0] == \
-        "threat,eps,defense,group,attack,n,runs,mean,mean_lo,mean_hi,worst,worst_lo,worst_hi,checks"
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
+        "threat,eps,defense,group,attack,n,of,conditional,upper_bound,runs,mean,mean_lo,mean_hi,mv,mv_lo,mv_hi,worst,"
+        "worst_lo,worst_hi,checks")
     # Second call with the same settings: every record is read back, nothing recomputed.
     again = evaluate({"dp": coup}, x, y, **kw)
     assert again.cells == table.cells and again.diagnostics == table.diagnostics
@@ -160,7 +161,7 @@ def test_worst_case_never_exceeds_any_row_and_is_recomputed_from_samples_csv(tmp
     score, clf, x, y = _setup(8)
     models = {"none": clf, **_gradient_rows(score, clf)}
     table = evaluate(models, x, y, attacks=["apgd-ce", "pgd-eot", "bpda-eot"], eps={"Linf": 0.2}, settings=TINY,
-                     n_eval=3, batch_size=5, progress=False, out_dir=str(tmp_path), diag_images=3)
+                     n_eval=3, batch_size=5, progress=False, out_dir=str(tmp_path), diag_images=3, schedule_name="full")
     cells, worst = table.cells, worst_label("coup")
     for column in table.columns:
         for key in ("mean", "worst"):
@@ -235,11 +236,11 @@ def test_masked_toy_defense_fires_the_checks_and_an_unmasked_one_does_not(masked
     models = {"toy": _NoisyQuantized(clf, masked), "toy@bpda": _NoisyQuantized(clf, masked, "bpda")}
     table = evaluate(models, x, y, attacks=["pgd-eot"], eps={"Linf": 0.3},
                      settings=AttackSettings(pgd_iter=10, pgd_eot=2), n_eval=3, batch_size=16, progress=False,
-                     diag_images=8, diag_draws=4)
+                     diag_images=16, diag_draws=4)  # S compares rows on the diagnostic images, attacked by every row
     d = table.diagnostics[("toy", "Linf")]
     if masked:
         assert d["fired"] == ["G", "S", "E"], d
-        assert d["consistency"]["zero_images"] == 8  # the quantizer's gradient is exactly zero
+        assert d["consistency"]["zero_images"] == 16  # the quantizer's gradient is exactly zero
         assert table.marks(worst_label("toy"), "Linf") == "G,S,E" and "S" in table.marks("toy@bpda", "Linf")
         assert len(table.warnings()) == 3 and "⚠E" in table.to_markdown()
     else:

@@ -211,7 +211,7 @@ def test_eval_out_that_is_a_file_fails_before_any_work(tmp_path, monkeypatch, ca
     monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
     assert cli_main([*TINY_EVAL, "--out", str(out).rstrip("/")]) == 2
     err = capsys.readouterr().err
-    assert "error: out:" in err and "file.txt" in err and "Traceback" not in err
+    assert "error: --out:" in err and "file.txt" in err and "Traceback" not in err
     assert (tmp_path / "file.txt").read_text() == "x"
 
 
@@ -221,14 +221,14 @@ def test_eval_out_that_is_not_writable_fails_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert cli_main([*TINY_EVAL, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "error: out:" in err and "not writable" in err and not (tmp_path / "o").exists()
+    assert "error: --out:" in err and "not writable" in err and not (tmp_path / "o").exists()
 
 
 def test_eval_device_meta_is_a_config_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
     argv = [a for a in TINY_EVAL if a != "cpu" and a != "--device"]
     assert cli_main([*argv, "--device", "meta", "--out", str(tmp_path / "o")]) == 2
-    assert "error: device: 'meta'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "error: --device: 'meta'" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("line,field", [
@@ -248,7 +248,7 @@ def test_eval_config_values_of_the_wrong_type_fail_before_any_work(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", "--config", "run.toml", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert f"error: {field}:" in err and "Traceback" not in err
+    assert f"error: --{field.replace('_', '-')}:" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["run.toml"]  # nothing written
 
 
@@ -256,9 +256,9 @@ def test_eval_dt_beyond_the_step_limit_is_a_config_error(tmp_path, monkeypatch, 
     monkeypatch.setattr("coup_fast.cli.load_everything", _no_work)
     assert cli_main(["eval", "--dt", "1e-7", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "error: dt:" in err and "N = 1,000,000 steps" in err and "100,000" in err
+    assert "error: --dt:" in err and "N = 1,000,000 steps" in err and "100,000" in err
     assert not (tmp_path / "o").exists()
-    with pytest.raises(ConfigError, match="^dt:"):
+    with pytest.raises(ConfigError, match="^--dt:"):
         from coup_fast.cli import EvalConfig, validate
 
         validate(EvalConfig(dt=1e-6, t_star=0.2))
@@ -283,4 +283,4 @@ def test_eval_out_on_a_read_only_file_system_fails_before_any_compute(tmp_path, 
     monkeypatch.setattr("coup_fast.cli.evaluate", _no_work)
     monkeypatch.setattr(paper, "open", read_only_fs, raising=False)  # shadows the builtin in that module only
     assert cli_main([*TINY_EVAL, "--out", str(tmp_path / "o")]) == 2
-    assert "error: out: " in capsys.readouterr().err
+    assert "error: --out: " in capsys.readouterr().err

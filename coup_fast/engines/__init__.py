@@ -26,7 +26,8 @@ def check_engine(engine):
         raise ValueError(f"engine: expected one of {CHOICES}, got {engine!r}")
 
 
-def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1, mode: str = "coup"):
+def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1, mode: str = "coup",
+           rows: bool = False):
     """The engine that runs this call: 'auto' is the graph engine where it can run (CUDA tensors, no
     explicit noise), else eager; 'graph' the same, warning once when it cannot; the published attack
     always runs in torchsde, and mode 'likelihood-max' eagerly (its M optimizer steps are not the SDE
@@ -37,7 +38,8 @@ def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1
             ENGINES["graph"].warn_once(f"coup_fast: engine={engine!r} runs the eager engine for mode {LM_MODE!r}")
         return ENGINES["eager"]
     if engine in ("auto", "graph"):
-        reason = ENGINES["graph"].unsupported(x, noise, gradient, samples)
+        reason = ("rows= (a captured graph draws for its own batch)" if rows else
+                  ENGINES["graph"].unsupported(x, noise, gradient, samples))
         if reason is None:
             return ENGINES["graph"]
         if engine == "graph":

@@ -23,7 +23,7 @@ class EagerEngine:
         gradient='exact', left out for 'detached-guidance')."""
         if config.mode == LM_MODE:  # each sample draws its (t, eps) from its own seed, as separate calls would
             grad = "exact" if gradient == "bpda" else gradient  # (the pipeline runs BPDA's forward without grad)
-            parts = [lm_solve(part, score_model, classifier, config.lm, seed=seed, gradient=grad)
+            parts = [lm_solve(part, score_model, classifier, config.lm, seed=seed, gradient=grad, rows=stream.rows)
                      for part, seed in zip(x.chunk(len(stream.seeds)), stream.seeds)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         return exact_solve(x, EagerNetworks(score_model, classifier), config, stream, gradient == "exact", memory)
