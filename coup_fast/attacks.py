@@ -160,28 +160,51 @@ def _ascent(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
 
 
-def _random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+class ImageDraws:
+    """An attack's random numbers drawn image by image: the B images are the rows `ids` of a batch of `width`, and
+    each draw is the draw of the whole batch (a generator seeded from `seed` and the draw's count) at those rows, so
+    an image's random start is the same whichever other images of its batch are attacked (coup_fast.schedule)."""
+
+    def __init__(self, seed: int, ids, width: int):
+        self.seed, self.ids, self.width, self.count = int(seed), torch.as_tensor(ids, dtype=torch.int64), int(width), 0
+
+    def _full(self, like: torch.Tensor, draw) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed + 7919 * self.count) % 2**63)
+        self.count += 1
+        full = draw((self.width, *like.shape[1:]), generator=generator, dtype=like.dtype)
+        return full.index_select(0, self.ids).to(like.device)
+
+    def rand_like(self, like: torch.Tensor) -> torch.Tensor:
+        return self._full(like, torch.rand)
+
+    def randn_like(self, like: torch.Tensor) -> torch.Tensor:
+        return self._full(like, torch.randn)
+
+
+def _random_start(x: torch.Tensor, norm: str, eps: float, draws: ImageDraws | None = None) -> torch.Tensor:
+    rand_like = torch.rand_like if draws is None else draws.rand_like
     if norm == "Linf":
-        return (torch.rand_like(x) * 2 - 1) * eps
-    d = torch.randn_like(x)
-    r = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *[1] * (x.ndim - 1))
+        return (rand_like(x) * 2 - 1) * eps
+    d = torch.randn_like(x) if draws is None else draws.randn_like(x)
+    r = rand_like(x[:, :1].flatten(1)[:, :1]).view(-1, *[1] * (x.ndim - 1))
     return _ascent(d, "L2") * eps * r
 
 
 def pgd_eot_candidates(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=20, random_start=True,
-                       chunk=None) -> dict:
+                       chunk=None, draws: ImageDraws | None = None) -> dict:
     """PGD (Madry et al. 2018) with EOT gradients (Athalye et al. 2018) under L-inf or L2.
 
     x: (B, C, H, W) in [0, 1], y: (B,) int64.  step None: 2.5 eps / n_iter; random_start False is BIM
     (Kurakin et al. 2017).  Returns {'final': the last iterate, 'best': per image the iterate whose `eot`
     draws were classified correctly least often (ties: higher mean cross-entropy)}, each x + delta with
     ||delta|| <= eps, clamped to [0, 1].  The draws that estimate 'best' are the gradient's own: no extra cost.
+    draws: the random start's numbers image by image (ImageDraws; None: torch's global RNG).
     """
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
     step = 2.5 * eps / n_iter if step is None else step
     x = x.detach()
-    delta = _random_start(x, norm, eps) if random_start else torch.zeros_like(x)
+    delta = _random_start(x, norm, eps, draws) if random_start else torch.zeros_like(x)
     delta = (x + project(delta, norm, eps)).clamp(0, 1) - x
     best = x + delta
     best_acc = torch.full(y.shape, float("inf"), device=x.device)
@@ -210,11 +233,12 @@ def bpda_step(eps: float, step: float | None = None) -> float:
     return PAPER_BPDA_STEP * eps if step is None else step
 
 
-def bpda_eot_candidates(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=20, chunk=None) -> dict:
+def bpda_eot_candidates(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=20, chunk=None,
+                        draws: ImageDraws | None = None) -> dict:
     """BPDA+EOT (Athalye et al. 2018; paper Table 3): PGD whose backward pass treats the purifier as the identity
     (purify's gradient='bpda'), gradients averaged over EOT draws; candidates as pgd_eot_candidates."""
     return pgd_eot_candidates(with_gradient(model, "bpda"), x, y, norm=norm, eps=eps, step=bpda_step(eps, step),
-                              n_iter=n_iter, eot=eot, chunk=chunk)
+                              n_iter=n_iter, eot=eot, chunk=chunk, draws=draws)
 
 
 def bpda_eot(model, x, y, *, norm="Linf", eps=8 / 255, step=None, n_iter=20, eot=20, chunk=None):
@@ -390,9 +414,12 @@ def apgd_ce(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, settings=AttackSet
     return adv
 
 
-def apgd_ce_candidates(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings(), eot=1) -> dict:
+def apgd_ce_candidates(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, settings=AttackSettings(), eot=1,
+                       draws: ImageDraws | None = None) -> dict:
     """APGD-CE (pyautoattack's APGD iterations, attack_single_run) on every image, each restart's x_best_adv
-    ('adv') and x_best ('max-loss') as candidates (module docstring); seeded as APGDAttack.perturb seeds."""
+    ('adv') and x_best ('max-loss') as candidates (module docstring); seeded as APGDAttack.perturb seeds.  draws:
+    each restart's random start image by image (ImageDraws), made by APGD's own formula x + eps normalize(t), t
+    uniform in [-1, 1] (L-inf) or normal (L2), and handed to attack_single_run as its x_init."""
     attack = _apgd(model, x, norm=norm, eps=eps, seed=seed, settings=settings, eot=eot)
     x, y = x.detach().clone().float(), y.detach().clone().long()
     attack.init_hyperparam(x)
@@ -401,7 +428,11 @@ def apgd_ce_candidates(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, setting
         torch.cuda.random.manual_seed(attack.seed)
     out = {}
     for restart in range(settings.n_restarts):
-        x_best, _, _, x_best_adv = attack.attack_single_run(x, y)
+        x_init = None
+        if draws is not None:
+            t = draws.rand_like(x) * 2 - 1 if norm == "Linf" else draws.randn_like(x)
+            x_init = x + eps * attack.normalize(t)
+        x_best, _, _, x_best_adv = attack.attack_single_run(x, y, x_init=x_init)
         tag = "" if settings.n_restarts == 1 else f"-{restart}"
         out[f"adv{tag}"], out[f"max-loss{tag}"] = x_best_adv.detach(), x_best.detach()
     if isinstance(attack.model, BatchedEOT):
@@ -409,11 +440,13 @@ def apgd_ce_candidates(model, x, y, *, norm="Linf", eps=8 / 255, seed=0, setting
     return out
 
 
-def run_attack(name, model, x, y, *, norm="Linf", eps=None, seed=0, settings=AttackSettings()) -> dict:
+def run_attack(name, model, x, y, *, norm="Linf", eps=None, seed=0, settings=AttackSettings(),
+               draws: ImageDraws | None = None) -> dict:
     """Run attack `name` (one of ATTACKS): {candidate name: adversarial batch} (module docstring).
 
     The evaluation keeps, per image, the candidate whose re-evaluation is worst: for 'aa' that is the
     worse of AutoAttack standard and rand (the paper counts a sample robust only if it survives both).
+    draws: the attack's random starts image by image (ImageDraws); AutoAttack draws its own.
     """
     if name not in ATTACKS:
         raise ValueError(f"attack: expected one of {ATTACKS}, got {name!r}")
@@ -425,12 +458,12 @@ def run_attack(name, model, x, y, *, norm="Linf", eps=None, seed=0, settings=Att
         return {v: autoattack(model, x, y, version=v, norm=norm, eps=eps, seed=seed, settings=s)
                 for v in AA_VERSIONS[name]}
     if name == "apgd-ce":
-        return apgd_ce_candidates(model, x, y, norm=norm, eps=eps, seed=seed, settings=s, eot=s.apgd_eot)
+        return apgd_ce_candidates(model, x, y, norm=norm, eps=eps, seed=seed, settings=s, eot=s.apgd_eot, draws=draws)
     if name == "pgd-eot":
         return pgd_eot_candidates(model, x, y, norm=norm, eps=eps, step=s.pgd_step_for(eps), n_iter=s.pgd_iter,
-                                  eot=s.pgd_eot, random_start=s.pgd_random_start, chunk=s.eot_chunk)
+                                  eot=s.pgd_eot, random_start=s.pgd_random_start, chunk=s.eot_chunk, draws=draws)
     return bpda_eot_candidates(model, x, y, norm=norm, eps=eps, step=s.bpda_step, n_iter=s.bpda_iter, eot=s.bpda_eot,
-                               chunk=s.eot_chunk)
+                               chunk=s.eot_chunk, draws=draws)
 
 
 def candidate_count(name: str, settings: AttackSettings = AttackSettings()) -> int:

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from . import diagnostics as checks
 from . import plan, records, schedule
-from .attacks import (AttackSettings, DEFAULT_EPS, NORMS, OWN_GRADIENT, evaluate_logits, gradient_consistency,
+from .attacks import (AttackSettings, DEFAULT_EPS, NORMS, OWN_GRADIENT, ImageDraws, evaluate_logits, gradient_consistency,
                       is_randomized, per_draw_gradients, pgd_eot_candidates, run_attack, with_gradient)
 from .lm import LMConfig, index_eps_model
 from .purify import GRADIENTS, PurifiedClassifier
@@ -342,7 +342,7 @@ class _Run:
         torch.manual_seed(s)
         candidates = {CLEAN: xb} if task.what == CLEAN else run_attack(
             task.what, model, xb, yb, norm=task.threat, eps=self.eps[task.threat], seed=s % 2**31,
-            settings=self.settings)
+            settings=self.settings, draws=ImageDraws(s, images, meta["width"]))
         names, correct, loss = reevaluate(model, candidates, yb, meta["n_eval"], self.settings.eot_chunk)
         work = plan.attack_work(task.what, self.settings, meta["n_eval"], is_randomized(model))
         return {"candidates": names, "correct": correct.int().tolist(), "loss": loss.tolist(),
@@ -550,6 +550,7 @@ def _table(run: _Run, threats, batches, order, results, diagnostics, world) -> T
     if len(batches) < -(-run.n_images // run.batch_size):
         table.meta["batches"] = list(batches)
     table.meta["stages"] = _stage_tallies(run, order, results, batches)
+    table.meta["check_seconds"] = round(sum(r["seconds"] for t, r in results.items() if t.kind != "attack"), 3)
     cells = {}
     for task, record in results.items():
         if task.kind == "attack":

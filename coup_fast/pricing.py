@@ -181,8 +181,11 @@ def pilot(cfg: EvalConfig, models: dict, x, y, evaluate_kwargs: dict) -> str:
             total, bound = total + priced, bound + upper
             lines.append(f"| {group} | {threat} | {stage['stage']} | {stage['met']} / {stage['standing']} | "
                          f"{stage['S']:.2f} | {stage['c']:.3g} | {plan.hours(priced)} | {plan.hours(upper)} |")
+    checks = table.meta.get("check_seconds", 0.0)  # the gradient-masking checks: once per run, on the first images
+    total, bound = total + checks, bound + checks
     lines += ["", f"Priced full run on this device: {plan.hours(total)} (upper bound, every image meeting every stage: "
-                  f"{plan.hours(bound)}; {bound / max(total, 1e-12):.2f}x).  S_s: the share of the pilot's "
+                  f"{plan.hours(bound)}; {bound / max(total, 1e-12):.2f}x; both include the gradient-masking checks' "
+                  f"{plan.hours(checks)}, run once).  S_s: the share of the pilot's "
                   f"{pilot_n - min(n_diag, pilot_n)} non-diagnostic images still robust (Worst-of-R) when stage s started; "
                   "c_s: the stage's seconds per image it attacked.  Priced T = sum_s c_s (n_diag + (n - n_diag) S_s) "
                   f"with n = {n}, n_diag = {n_diag}.  The pilot's images are a small sample: read S_s with its "
