@@ -442,12 +442,34 @@ def check_out(cfg: EvalConfig, create: bool) -> None:
         raise ConfigError("out", str(e).removeprefix("out ")) from None
 
 
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _yaml_without_aliases(raw: bytes):
+    """yaml.safe_load, refusing aliases (``*name``): aliases of aliases expand exponentially (a few
+    hundred bytes of "billion laughs" hold 10**9 items), and a settings file needs none."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"found the alias *{event.anchor[:40]}: aliases are "
+                                                              "not accepted in a settings file", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(raw, Loader=NoAliases)
+
+
 def read_config_file(path: str) -> dict:
-    """Settings from a TOML (.toml) or YAML (.yaml/.yml) file; keys are EvalConfig fields."""
+    """Settings from a TOML (.toml) or YAML (.yaml/.yml) file; keys are EvalConfig fields, at the top
+    level or all inside an ``eval`` table.  At most ``_MAX_CONFIG_BYTES``; YAML aliases refused."""
     if not os.path.isfile(path):
         raise ConfigError("config", f"no such file: {path!r}")
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError("config", f"{path!r} is larger than {_MAX_CONFIG_BYTES:,} bytes: not a settings file")
     try:
         if path.endswith(".toml"):
             try:
@@ -457,26 +479,25 @@ def read_config_file(path: str) -> dict:
 
             doc = tomllib.loads(raw.decode())
         else:
-            import yaml
-
-            doc = yaml.safe_load(raw) or {}
-    except Exception as e:  # parse errors of either format
-        raise ConfigError("config", f"cannot parse {path!r}: {e}") from None
+            doc = _yaml_without_aliases(raw) or {}
+    except Exception as e:  # parse errors of either format (a RecursionError for absurd nesting)
+        raise ConfigError("config", f"cannot parse {path!r}: {str(e)[:500]}") from None
     if isinstance(doc, dict) and isinstance(doc.get("eval"), dict):
-        others = [str(k) for k in doc if k != "eval"]
-        if others:  # they would be silently ignored: say so
-            raise ConfigError("config", f"{path!r} has an [eval] table and top-level settings "
-                                        f"({', '.join(others)[:200]}); put every setting inside [eval]")
+        others = [str(k)[:60] for k in doc if k != "eval"]
+        if others:
+            raise ConfigError("config", f"{path!r} has an [eval] table and settings outside it ({others[:5]}), "
+                                        "which would be ignored: put them inside the table")
         doc = doc["eval"]
     if not isinstance(doc, dict):
         raise ConfigError("config", f"{path!r}: expected a table/mapping of settings")
     known = {f.name for f in fields(EvalConfig)}
     out = {}
     for key, value in doc.items():
+        if not isinstance(key, str):
+            raise ConfigError("config", f"{path!r}: the key {str(key)[:60]!r} is a {type(key).__name__}, "
+                                        "not a setting's name")
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(name, f"unknown setting in {path!r}; expected one of {sorted(known)}")
+            raise ConfigError(name[:60], f"unknown setting in {path!r}; expected one of {sorted(known)}")
         out[name] = value
     return out
-
-

@@ -17,55 +17,25 @@ The default CIFAR subset is the paper's: ``np.random.RandomState(0).choice(10000
 replace=False)`` of the test set, in that order, the images DiffPure and COUP evaluate
 (``load_cifar(..., subset="paper")``).
 
-Security: those files are pickles, and unpickling an untrusted pickle can execute
-arbitrary code.  We parse them with :class:`_RestrictedUnpickler`, which only
-resolves the handful of globals a numpy-array pickle needs
-(``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``, and
-the ``_codecs.encode`` used by Python-2 era pickles); any other global raises
-``pickle.UnpicklingError``.
+Security: those files are pickles, and unpickling an untrusted pickle can execute arbitrary code
+or, through lists shared in its memo, describe far more elements than it holds.  They are read by
+:func:`coup_fast._cifar_pickle.read_cifar_pickle`, which builds the structures the real files
+contain and nothing else, within bounds set by the number of images.  An archive is streamed, and
+at most ``_MAX_ARCHIVE_MEMBERS`` member headers are read.
 
 All returned images are float32 in **[0, 1], NCHW**; labels int64.
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import tarfile
 
 import numpy as np
 import torch
 
+from ._cifar_pickle import CifarPickleError, read_cifar_pickle
+
 __all__ = ["load_cifar", "load_digits", "DIGITS_SPLIT", "CIFAR_SUBSETS"]
-
-# Globals a CIFAR pickle may reference.  numpy moved `core` to `_core` in 2.0 and
-# pickles written by either version name either module.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only builds plain containers and numpy arrays."""
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name} from a CIFAR pickle "
-            "(only numpy array reconstruction is allowed)")
-
-
-def _unpickle(data: bytes) -> dict:
-    # encoding='bytes' keeps the original byte-string keys (b'data', b'labels').
-    return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-
 
 _FILES = {
     "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
@@ -102,52 +72,152 @@ def _read_bounded(f, limit: int, what: str, size: int) -> bytes:
     return data
 
 
-def _read_members(path: str, names: list[str], dataset: str) -> list[bytes]:
-    """Raw bytes of each named batch file, from a directory or a .tar.gz."""
+def _read_members(path: str, names: list[str], dataset: str) -> list[tuple[str, bytes]]:
+    """(where, raw bytes) of each named batch file, from a directory or a .tar.gz / .tar.xz."""
     limits = {n: _IMAGES_PER_FILE[dataset][n] * _MAX_BYTES_PER_IMAGE for n in names}
     if os.path.isdir(path):
-        # Accept either the batch directory itself or its parent.
-        for d in (path, os.path.join(path, _SUBDIR[dataset])):
-            if all(os.path.isfile(os.path.join(d, n)) for n in names):
-                out = []
-                for n in names:
-                    file = os.path.join(d, n)
-                    with open(file, "rb") as f:
-                        out.append(_read_bounded(f, limits[n], file, os.fstat(f.fileno()).st_size))
-                return out
-        raise FileNotFoundError(
-            f"{path!r} does not contain the {dataset} python-version files {names} "
-            f"(expected them directly or under {_SUBDIR[dataset]}/)")
-    if os.path.isfile(path) and tarfile.is_tarfile(path):
-        # the members at the archives' own paths, e.g. cifar-10-batches-py/test_batch
-        wanted = {f"{_SUBDIR[dataset]}/{n}": n for n in names}
-        found = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar.getmembers():
+        return _read_directory(path, names, dataset, limits)
+    if os.path.isfile(path):
+        return _read_archive(path, names, dataset, limits)
+    raise FileNotFoundError(
+        f"CIFAR path {path!r} is neither a directory nor a .tar.gz archive; "
+        f"download the {dataset} 'python version' yourself and pass its location")
+
+
+def _read_directory(path: str, names: list[str], dataset: str, limits: dict) -> list[tuple[str, bytes]]:
+    # Accept either the batch directory itself or its parent.
+    folders = (path, os.path.join(path, _SUBDIR[dataset]))
+    missing = {d: [n for n in names if not os.path.isfile(os.path.join(d, n))] for d in folders}
+    for d in folders:
+        if not missing[d]:
+            out = []
+            for n in names:
+                file = os.path.join(d, n)
+                with open(file, "rb") as f:
+                    out.append((file, _read_bounded(f, limits[n], file, os.fstat(f.fileno()).st_size)))
+            return out
+    # Every file the split lacks, in one message: the folder that holds some of them, else both places.
+    partial = [d for d in folders if len(missing[d]) < len(names)]
+    if partial:
+        d = partial[0]
+        raise FileNotFoundError(f"{d!r} does not contain the {dataset} python-version files {missing[d]} "
+                                f"({len(missing[d])} of the {len(names)} files of the {dataset} split)")
+    raise FileNotFoundError(
+        f"{path!r} does not contain the {dataset} python-version files {names} "
+        f"(expected them directly or under {_SUBDIR[dataset]}/)")
+
+
+# A CIFAR archive has 9 members (CIFAR-10: the folder, 6 batches, batches.meta, readme.html) or 5
+# (CIFAR-100) and unpacks to under 200 MB.  A stream of member headers is read up to these bounds:
+# past them it is not a CIFAR archive, and a few kilobytes of .tar.xz can hold a million tiny members
+# or a header that unpacks to gigabytes.
+_MAX_ARCHIVE_MEMBERS = 1000
+_MAX_ARCHIVE_BYTES = 1 << 30
+_MAX_HEADER_BYTES = 1 << 16  # a GNU long name or a pax header: a path is a few hundred bytes
+
+
+class _ArchiveRefused(ValueError):
+    pass
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a long-name or pax header's whole declared size, and an old-GNU sparse map's
+    chain of blocks, into memory before it returns the member: bound the one, refuse the other
+    (``_proc_member`` is tarfile's documented hook for this)."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > _MAX_HEADER_BYTES:
+            raise _ArchiveRefused(f"a {self.size:,}-byte extended header (at most {_MAX_HEADER_BYTES:,})")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _ArchiveRefused("a sparse member: the CIFAR archives hold none")
+        return super()._proc_member(tar)
+
+    def _proc_gnusparse_10(self, *args):  # a pax sparse map, read from the member's data blocks
+        raise _ArchiveRefused("a sparse member: the CIFAR archives hold none")
+
+
+def _read_archive(path: str, names: list[str], dataset: str, limits: dict) -> list[tuple[str, bytes]]:
+    """Stream the archive's members once, keeping the bytes of those at the archive's own paths
+    (e.g. cifar-10-batches-py/test_batch, optionally with a leading './').  Every header is read,
+    to see a path that appears twice, up to the bounds above."""
+    wanted = {f"{_SUBDIR[dataset]}/{n}": n for n in names}
+    found, out, headers, declared = {}, {}, 0, 0
+    try:
+        with tarfile.open(path, "r|*", tarinfo=_BoundedTarInfo) as tar:
+            for member in iter(tar.next, None):
+                headers += 1
+                declared += member.size
+                if headers > _MAX_ARCHIVE_MEMBERS:
+                    lacking = [w for w in wanted if w not in found]
+                    raise ValueError(
+                        f"archive {path!r}: stopped after {_MAX_ARCHIVE_MEMBERS:,} member headers"
+                        + (f" without finding {lacking}" if lacking else "")
+                        + f": a {dataset} archive has fewer than 10 members; refusing to read further")
+                if declared > _MAX_ARCHIVE_BYTES:
+                    raise ValueError(
+                        f"archive {path!r}: stopped at member {_clip(member.name)!r}, where the members' "
+                        f"sizes pass {_MAX_ARCHIVE_BYTES:,} bytes: a {dataset} archive unpacks to under "
+                        "200 MB; refusing to read further")
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 if name not in wanted:
                     continue
                 if not member.isfile():
                     raise ValueError(f"archive {path!r}: member {member.name!r} is not a regular file")
                 if name in found:
-                    raise ValueError(f"archive {path!r} holds {name!r} twice ({found[name].name!r}, "
+                    raise ValueError(f"archive {path!r} holds {name!r} twice ({found[name]!r}, "
                                      f"{member.name!r}): refusing to choose one")
-                found[name] = member
-            missing = [w for w in wanted if w not in found]
-            if missing:
-                raise FileNotFoundError(f"archive {path!r} lacks the {dataset} members {missing} "
-                                        "(the paths of the original archive, optionally with a leading './')")
-            out = []
-            for name, n in wanted.items():
-                member = found[name]
-                # Read the members' bytes only: nothing is extracted to disk.  The size is the
-                # member header's: a too-large member is refused before a byte is decompressed.
-                out.append(_read_bounded(tar.extractfile(member), limits[n], f"{path}: member {member.name}",
-                                         member.size))
-            return out
-    raise FileNotFoundError(
-        f"CIFAR path {path!r} is neither a directory nor a .tar.gz archive; "
-        f"download the {dataset} 'python version' yourself and pass its location")
+                found[name] = member.name
+                # Read the member's bytes now, as the stream passes it: nothing is extracted to disk.
+                # The size is the header's: a too-large member is refused before a byte is decompressed.
+                out[name] = _read_bounded(tar.extractfile(member), limits[wanted[name]],
+                                          f"{path}: member {member.name}", member.size)
+    except _ArchiveRefused as e:
+        raise ValueError(f"archive {path!r}: {e}; refusing to read further") from None
+    except RecursionError:  # tarfile reads a chain of extended headers recursively
+        raise ValueError(f"archive {path!r}: a chain of extended headers hundreds long after {headers} members; "
+                         "refusing to read further") from None
+    except tarfile.TarError as e:
+        if headers == 0:
+            raise FileNotFoundError(f"CIFAR path {path!r} is neither a directory nor a .tar.gz archive ({e}); "
+                                    f"download the {dataset} 'python version' yourself and pass its location") from None
+        raise ValueError(f"archive {path!r}: damaged after {headers} members ({e})") from None
+    except EOFError as e:  # a compressed stream that ends early
+        raise ValueError(f"archive {path!r}: truncated after {headers} members ({e})") from None
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise FileNotFoundError(f"archive {path!r} lacks the {dataset} members {missing} "
+                                "(the paths of the original archive, optionally with a leading './')")
+    return [(f"{path}: member {found[w]}", out[w]) for w in wanted]
+
+
+def _read_batch(where: str, raw: bytes, dataset: str, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (N, 3072), labels int64 (N,)) of one batch file's bytes; `where` names it."""
+    try:
+        d = read_cifar_pickle(raw, max_images)
+    except CifarPickleError as e:
+        raise CifarPickleError(f"{where}: {e}") from None
+    key, n_classes = _LABEL_KEY[dataset], (100 if dataset == "cifar100" else 10)
+    if b"data" not in d or key not in d:
+        raise ValueError(f"{where}: a {dataset} batch holds b'data' and {key!r}; this one holds "
+                         f"{_clip(repr(list(d)))}")
+    data, labels = d[b"data"], d[key]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise ValueError(f"{where}: expected b'data' of uint8 pixels, shape (N, 3072), got {got}")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else f"a {type(labels).__name__}"
+        raise ValueError(f"{where}: expected {key!r} to be a list of {len(data)} labels, one per image; got {got}")
+    # Only ints: a float label (3.7) would be truncated to a class silently, a bool is no class.
+    bad = next((i for i, v in enumerate(labels) if type(v) is not int or not 0 <= v < n_classes), None)
+    if bad is not None:
+        raise ValueError(f"{where}: {key!r}[{bad}] is {_clip(repr(labels[bad]))}: expected labels in "
+                         f"[0, {n_classes}), as integers")
+    return data, np.array(labels, dtype=np.int64)
 
 
 def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 0,
@@ -184,19 +254,9 @@ def load_cifar(path: str, split: str = "test", n: int | None = 512, seed: int = 
         raise ValueError(f"seed must be an integer in [{seed_range[0]}, {seed_range[1]}] for subset={subset!r}, "
                          f"got {seed!r}")
     names = _FILES[dataset][split]
-    n_classes = 100 if dataset == "cifar100" else 10
     xs, ys = [], []
-    for raw in _read_members(os.fspath(path), names, dataset):
-        d = _unpickle(raw)
-        if not isinstance(d, dict) or b"data" not in d or _LABEL_KEY[dataset] not in d:
-            raise ValueError(f"{dataset} batch lacks b'data' / {_LABEL_KEY[dataset]!r}")
-        data = np.asarray(d[b"data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"expected b'data' of uint8 pixels, shape (N, 3072), got {data.dtype} {data.shape}")
-        labels = np.asarray(d[_LABEL_KEY[dataset]], dtype=np.int64)
-        if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) >= n_classes:
-            raise ValueError(f"expected {data.shape[0]} labels in [0, {n_classes}), got shape {labels.shape}, "
-                             f"range [{labels.min(initial=0)}, {labels.max(initial=0)}]")
+    for name, (where, raw) in zip(names, _read_members(os.fspath(path), names, dataset)):
+        data, labels = _read_batch(where, raw, dataset, _IMAGES_PER_FILE[dataset][name])
         xs.append(data)
         ys.append(labels)
     x = np.concatenate(xs).reshape(-1, 3, 32, 32)

@@ -29,12 +29,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ._files import atomic_write, atomic_write_text
+from ._files import atomic_write, atomic_write_text, load_state_dict_strict, load_weights_file
 from .data import DIGITS_SPLIT, load_digits
-from .models.digits import CLASSIFIER_FILE, META_FILE, SCORE_FILE, DigitsClassifier, DigitsEpsNet
+from .models.digits import CLASSIFIER_FILE, META_FILE, SCORE_FILE, DigitsClassifier, DigitsEpsNet, _read_meta
 from .sde import vp_alpha, vp_sigma
 
 T_EPS = 1e-3
@@ -61,27 +61,42 @@ class TrainingCheckpoint:
         self.generator, self.opt, self.sched, self.modules = generator, opt, sched, modules
 
     def resume(self) -> tuple[int, list]:
-        """Restore the saved state if there is one: (first step to run, losses so far)."""
+        """Restore the saved state if there is one: (first step to run, losses so far).
+
+        A checkpoint that cannot be read, or whose fields do not fit this run (a forged or damaged
+        one), is a ValueError saying to rerun with --restart; nothing of it is kept."""
         if self.path is None or not os.path.exists(self.path):
             return 0, []
         try:
-            state = torch.load(self.path, weights_only=True)
+            # the checked reader: nothing in the file runs, and its declared sizes are bounded
+            state = load_weights_file(self.path)
             if not isinstance(state, dict) or not {"config", "step", "losses", "generator", "opt", "sched",
                                                     *self.modules} <= set(state):
                 raise ValueError("not a training checkpoint of coup_fast.train")
-        except Exception as e:  # truncated (RuntimeError from the zip reader), forged (UnpicklingError), ...
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{self.path}: unreadable training checkpoint ({reason}); rerun with --restart "
-                             "to discard it and train from the start") from None
+        except Exception as e:  # truncated, forged (a refused global), not a checkpoint, ...
+            self._refuse(e)
         if state["config"] != self.config:
-            raise ValueError(f"{self.path}: a checkpoint of another run ({state['config']}, now {self.config}); "
-                             "delete it or pass --restart")
-        self.generator.set_state(state["generator"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        for name, module in self.modules.items():
-            module.load_state_dict(state[name])
-        return state["step"], list(state["losses"])
+            raise ValueError(f"{self.path}: a checkpoint of another run ({str(state['config'])[:300]}, now "
+                             f"{self.config}); delete it or pass --restart")
+        try:
+            step, losses = state["step"], state["losses"]
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.config.get("steps", step):
+                raise ValueError(f"step {str(step)[:40]} is not a step of this run")
+            if not isinstance(losses, list) or len(losses) != step or not all(type(v) is float for v in losses):
+                raise ValueError(f"losses: expected a list of {step} floats")
+            self.generator.set_state(state["generator"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            for name, module in self.modules.items():
+                module.load_state_dict(state[name])
+        except Exception as e:  # a forged field: wrong types (TypeError), keys (KeyError), shapes (RuntimeError)
+            self._refuse(e)
+        return step, list(losses)
+
+    def _refuse(self, error: Exception):
+        reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        raise ValueError(f"{self.path}: unreadable training checkpoint ({reason}); rerun with --restart "
+                         "to discard it and train from the start") from None
 
     def maybe_save(self, step: int, last: int, losses: list):
         if self.path is None or (step % self.every and step != last):
@@ -227,6 +242,25 @@ def accuracy(clf, u: torch.Tensor, y: torch.Tensor) -> float:
 CLF_AUG = {"shift": True, "noise": 0.2}
 
 
+def _kept_metadata(out_dir: str, only: str) -> dict:
+    """digits.json of the model that ``only`` keeps, checked: the sections train_digits reads."""
+    path = os.path.join(out_dir, META_FILE)
+    meta = _read_meta(path)  # a ValueError naming the file for bad JSON or a section of the wrong type
+    kept = "score" if only == "classifier" else "classifier"
+    if not isinstance(meta.get("training", {}).get(kept), dict) or "metrics" not in meta:
+        raise ValueError(f"{path}: --only {only} keeps the {kept} model, but the file has no training.{kept} "
+                         "section or no metrics (it is not one coup_fast.train wrote): train both models")
+    return meta
+
+
+def _load_kept(model, name: str, out_dir: str):
+    """The weights of the model ``only`` keeps, read and checked like every loader's (a ValueError
+    naming the file for a damaged file, other shapes or non-finite weights)."""
+    path = os.path.join(out_dir, name)
+    load_state_dict_strict(model, load_weights_file(path), path, f"the default {type(model).__name__}")
+    return model.eval()
+
+
 def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int = 1000,
                  seed: int = 0, only: str | None = None, progress: bool = True,
                  checkpoint_every: int = 100, restart: bool = False) -> dict:
@@ -260,9 +294,9 @@ def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int =
     u_te, y_te = load_digits("test")
     clf, net = DigitsClassifier(), DigitsEpsNet()
     old = {}
-    if only is not None:
-        with open(os.path.join(out_dir, META_FILE)) as f:
-            old = json.load(f)
+    if only is not None:  # the kept model and its record, checked before minutes of training
+        old = _kept_metadata(out_dir, only)
+        _load_kept(*((net, SCORE_FILE) if only == "classifier" else (clf, CLASSIFIER_FILE)), out_dir)
     timing = {}
 
     if only in (None, "classifier"):
@@ -273,8 +307,6 @@ def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int =
         clf_train = {"clf_steps": clf_steps, "seed": seed, "batch": 128, "augmentation": CLF_AUG,
                      "torch": torch.__version__}
     else:
-        clf.load_state_dict(load_file(os.path.join(out_dir, CLASSIFIER_FILE)))
-        clf.eval()
         clf_train = old["training"]["classifier"]
         timing["classifier_seconds"] = old["metrics"].get("classifier_seconds")
 
@@ -286,8 +318,7 @@ def train_digits(out_dir: str = DEFAULT_OUT, steps: int = 2000, clf_steps: int =
         score_train = {"steps": steps, "seed": seed, "batch": 128, "torch": torch.__version__,
                        "final_batch_loss_avg100": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
     else:
-        net.load_state_dict(load_file(os.path.join(out_dir, SCORE_FILE)))
-        ema = net.eval()
+        ema = net
         score_train = old["training"]["score"]
         timing["score_seconds"] = old["metrics"].get("score_seconds")
 

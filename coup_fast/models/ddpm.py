@@ -287,7 +287,7 @@ def load_ddpm(path, device="cpu", config: DDPMConfig | None = None, use_ema: boo
     """
     cfg = config or ddpm_cifar10()
     path = os.fspath(path)
-    sd = strip_module_prefix(_state_dict_of(path, load_weights_file(path), use_ema))
+    sd = strip_module_prefix(_state_dict_of(path, load_weights_file(path), use_ema), path)
     with torch.device("meta"):  # no memory and no random init for weights we overwrite
         net = DDPMUNet(cfg)
     load_state_dict_strict(net, sd, path, f"DDPM U-Net {asdict(cfg)}")

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
+from .._files import load_state_dict_strict, load_weights_file
 from ..score import score_sde_continuous
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
@@ -120,6 +120,7 @@ class DigitsClassifier(nn.Module):
 _META_SECTIONS = {"dataset": str, "split": dict, "score_config": dict, "classifier_config": dict, "sde": dict,
                   "training": dict, "metrics": dict}
 _ARCHITECTURES = {"score_config": DigitsEpsNet, "classifier_config": DigitsClassifier}
+_MAX_META_BYTES = 1 << 20
 
 
 def _read_meta(path: str) -> dict:
@@ -127,18 +128,21 @@ def _read_meta(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_META_BYTES + 1)
+        if len(raw) > _MAX_META_BYTES:
+            raise ValueError(f"larger than {_MAX_META_BYTES:,} bytes; the real one is about 2 KB")
+        meta = json.loads(raw)
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not readable JSON ({str(e)[:300]})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key, value in meta.items():
         if key not in _META_SECTIONS:
-            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(_META_SECTIONS)})")
+            raise ValueError(f"{path}: unknown key {key!r:.80} (known: {', '.join(_META_SECTIONS)})")
         if not isinstance(value, _META_SECTIONS[key]):
             raise ValueError(f"{path}: {key} must be a JSON {'string' if _META_SECTIONS[key] is str else 'object'}, "
-                             f"got {value!r}")
+                             f"got {value!r:.80}")
     return meta
 
 
@@ -148,14 +152,19 @@ def _build_on_meta(cls, section: str, config: dict, meta_path: str) -> nn.Module
     known = [name for name in params if name != "self"]
     for key, value in config.items():
         if key not in known:
-            raise ValueError(f"{meta_path}: unknown key {section}.{key} (known: {', '.join(known)})")
+            raise ValueError(f"{meta_path}: unknown key {section}.{key:.80} (known: {', '.join(known)})")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{meta_path}: {section}.{key} must be an integer >= 1, got {value!r}")
+            raise ValueError(f"{meta_path}: {section}.{key} must be an integer >= 1, got {value!r:.80}")
     try:
         with torch.device("meta"):
             return cls(**config)
     except (ValueError, RuntimeError) as e:  # e.g. GroupNorm: channels not divisible by the groups
         raise ValueError(f"{meta_path}: {section} {config} does not build a {cls.__name__}: {e}") from None
+
+
+def _arch(module: nn.Module, section: str) -> str:
+    config = ", ".join(f"{k}={v}" for k, v in module.config.items())
+    return f"{type(module).__name__}({config}) ({section} of {META_FILE})"
 
 
 def _check_shapes(module: nn.Module, weights_path: str, section: str) -> None:
@@ -166,7 +175,7 @@ def _check_shapes(module: nn.Module, weights_path: str, section: str) -> None:
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    arch = f"{type(module).__name__}({', '.join(f'{k}={v}' for k, v in module.config.items())}) ({section} of {META_FILE})"
+    arch = _arch(module, section)
     missing = [k for k in expected if k not in stored]
     unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
@@ -194,7 +203,8 @@ def load_digits_models(device="cpu", weights_dir: str | None = None):
     Raises:
         FileNotFoundError: a weight file is missing.
         ValueError: digits.json has an unknown key or a value of the wrong type, or the weight
-            files do not match the architectures it describes.
+            files do not match the architectures it describes, or hold weights that are not
+            finite real numbers (``coup_fast._files.load_state_dict_strict``).
     """
     d = weights_dir or WEIGHTS_DIR
     paths = [os.path.join(d, f) for f in (SCORE_FILE, CLASSIFIER_FILE)]
@@ -208,11 +218,11 @@ def load_digits_models(device="cpu", weights_dir: str | None = None):
         config = meta.get(section, {})
         net = _build_on_meta(cls, section, config, meta_path)
         _check_shapes(net, path, section)
-        nets.append(net)
-    for net, path in zip(nets, paths):
-        net.to_empty(device="cpu")  # every tensor is then overwritten from the file
-        net.load_state_dict(load_file(path), strict=True)
-    net, clf = nets
+        nets.append((net, section))
+    for (net, section), path in zip(nets, paths):
+        # the shared checks: a header naming a tensor twice, weights that are not finite real numbers
+        load_state_dict_strict(net, load_weights_file(path), path, _arch(net, section))
+    (net, _), (clf, _) = nets
     score = score_sde_continuous(net)
     for m in (score, clf):
         m.to(device).eval().requires_grad_(False)

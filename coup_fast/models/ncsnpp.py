@@ -26,7 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .._files import load_state_dict_strict, load_weights_file, strip_module_prefix
+from .._files import check_weight, load_state_dict_strict, load_weights_file, strip_module_prefix
 from ..score import score_sde_continuous
 
 __all__ = ["NCSNppConfig", "NCSNpp", "ncsnpp_cifar10_deep", "ncsnpp_small", "load_ncsnpp"]
@@ -323,7 +323,7 @@ def load_ncsnpp(path, device="cpu", use_ema: bool = True, config: NCSNppConfig |
     cfg = config or ncsnpp_cifar10_deep()
     ckpt = load_weights_file(path)
     sd, is_checkpoint = _model_weights(path, ckpt)
-    sd = strip_module_prefix(sd)
+    sd = strip_module_prefix(sd, path)
     sd.pop("sigmas", None)
     # Build on the meta device: no memory and no random init for weights we overwrite.
     with torch.device("meta"):
@@ -337,11 +337,11 @@ def load_ncsnpp(path, device="cpu", use_ema: bool = True, config: NCSNppConfig |
             raise ValueError(f"{path}: 'ema' has {len(shadow)} shadow params, {arch} has "
                              f"{len(params)} parameters")
         with torch.no_grad():
-            for (name, p), s in zip(params, shadow):
+            for i, ((name, p), s) in enumerate(zip(params, shadow)):
                 if p.shape != s.shape:
                     raise ValueError(f"{path}: EMA shadow param for {name} is {tuple(s.shape)}, "
                                      f"the model's is {tuple(p.shape)}")
-                p.copy_(s)
+                p.copy_(check_weight(path, f"ema.shadow_params[{i}] (for {name})", s, p))
     net = net.to(device).eval()
     if return_net:
         return net

@@ -235,7 +235,7 @@ def _read_state_dict(path) -> dict:
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict (or a dict with 'state_dict' / "
                          "'model_state_dict' / 'model') of tensors")
-    return strip_module_prefix(obj)
+    return strip_module_prefix(obj, path)
 
 
 def load_wideresnet(path, depth: int = 28, widen: int = 10, device="cpu",
