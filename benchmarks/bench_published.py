@@ -13,8 +13,12 @@ Rows, timed interleaved (fastest of --repeats rounds after a warm-up round that 
 - published-official: coup_fast.reference.purify_published: torchsde on a BrownianInterval, weights frozen
   (the computation the paper's code runs, with the input gradient only).
 - exact: the default gradient (the discrete adjoint, memory='auto') on the fast row's engine and knob.
+- published-compile (only when asked, --rows): purify(gradient='adjoint', engine='compile'); its warm-up round
+  compiles (tens of seconds on a CPU).
 
-Peak memory of one call: the resident-set growth on a CPU, torch's allocator on CUDA (benchmarks/_harness.py).
+Wall time and, beside it, the process's CPU time (on a shared machine with one thread, the less disturbed
+measure).  Peak memory of one call: the resident-set growth on a CPU, torch's allocator on CUDA
+(benchmarks/_harness.py).
 Threads are pinned (--threads, default 1).  Never assert on these numbers in tests.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 
 import torch
@@ -37,6 +42,7 @@ from coup_fast.reference import purify_published
 
 LAM = 1.0
 ROWS = ("published-fast", "published-torchsde", "published-official", "exact")
+OPTIONAL_ROWS = ("published-compile",)
 
 
 def row_functions(score, clf, x, y, args) -> dict:
@@ -61,7 +67,27 @@ def row_functions(score, clf, x, y, args) -> dict:
         return grad_of(lambda v: purify_published(v, score, clf, seed=seed % 2**31, **kw))
 
     return {"published-fast": coup("adjoint", "auto", True), "published-torchsde": coup("adjoint", "torchsde", False),
-            "published-official": official, "exact": coup("exact", "auto", True)}
+            "published-official": official, "exact": coup("exact", "auto", True),
+            "published-compile": coup("adjoint", "compile", True)}
+
+
+def time_rows(fns: dict, repeats: int, device) -> tuple[dict, dict, dict]:
+    """(wall s, CPU s, first call's wall s) of each fn, interleaved: a warm-up round, then `repeats` rounds, the fastest
+    kept.  The process's CPU time beside the wall time: with one thread on a shared machine it is the less disturbed
+    measure (on CUDA, wall time only means anything)."""
+    wall, cpu, first = ({name: float("inf") for name in fns} for _ in range(3))
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            H.sync(device.type)
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            H.sync(device.type)
+            w, c = time.perf_counter() - w0, time.process_time() - c0
+            if round_:
+                wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+            else:
+                first[name] = w
+    return wall, cpu, first
 
 
 def _peak_mib(fn, device) -> float:
@@ -78,20 +104,21 @@ def run(args) -> list[dict]:
     fns = {name: fn for name, fn in row_functions(score, clf, x, y, args).items() if name in args.rows}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = {}
-        seconds = H.time_round_robin(fns, repeats=args.repeats, device=args.device.type, first=first)
+        seconds, cpu_seconds, first = time_rows(fns, args.repeats, args.device)
         grads = {name: fn() for name, fn in fns.items()}
         peaks = {name: _peak_mib(fn, args.device) for name, fn in fns.items()} if args.memory else {}
     ref = grads.get("published-torchsde")
     rows = []
     for name in fns:
         g = grads[name]
-        same_path = ref is not None and name.startswith("published") and name != "published-official"
+        same_path = ref is not None and name.startswith("published") and name != "published-official"  # one path
         rows.append({
-            "row": name, "batch": args.batch, "seconds": seconds[name], "img_grad_per_s": args.batch / seconds[name],
+            "row": name, "batch": args.batch, "seconds": seconds[name], "cpu_seconds": cpu_seconds[name],
+            "img_grad_per_s": args.batch / seconds[name],
             "first_call_s": first[name], "peak_mib": peaks.get(name),
             "x_torchsde": seconds["published-torchsde"] / seconds[name] if "published-torchsde" in seconds else None,
             "vs_exact": seconds[name] / seconds["exact"] if "exact" in seconds else None,
+            "cpu_vs_exact": cpu_seconds[name] / cpu_seconds["exact"] if "exact" in seconds else None,
             "max_rel_torchsde": float((g - ref).abs().max() / ref.abs().max()) if same_path else None,
             "cos_torchsde": float(F.cosine_similarity(g.flatten(), ref.flatten(), dim=0)) if same_path else None,
         })
@@ -108,7 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--dt", type=float, default=1e-3)
     p.add_argument("--knob", choices=("fp32", "tf32", "bf16"), default=None,
                    help="precision of the fast and exact rows (default fp32 on a CPU, tf32 on CUDA); torchsde: fp32")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated from {ROWS}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated from {ROWS + OPTIONAL_ROWS}")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (fastest kept)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory calls")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -117,9 +144,9 @@ def parse_args(argv=None):
     args.batch = args.batch or (64 if args.arch == "cifar" else 32)
     args.knob = args.knob or ("tf32" if args.device.type == "cuda" else "fp32")
     args.rows = args.rows.split(",")
-    bad = [r for r in args.rows if r not in ROWS]
+    bad = [r for r in args.rows if r not in ROWS + OPTIONAL_ROWS]
     if bad:
-        p.error(f"--rows: unknown {bad}; expected some of {list(ROWS)}")
+        p.error(f"--rows: unknown {bad}; expected some of {list(ROWS + OPTIONAL_ROWS)}")
     return args
 
 
@@ -132,9 +159,10 @@ def main(argv=None) -> dict:
     print(f"device: {device}; torch {torch.__version__}; ops {coup_fast.backend_info()['cpu']}; models: {desc}")
     print(f"published attack gradient, COUP lam = {LAM}, t* = {args.t_star}, dt = {args.dt} (N = {n_steps}), "
           f"B = {args.batch}; fast and exact rows {args.knob}, torchsde fp32")
-    print(H.table(rows, [("row", "row"), ("seconds", "s"), ("first_call_s", "1st call s"),
+    print(H.table(rows, [("row", "row"), ("seconds", "s"), ("cpu_seconds", "CPU s"), ("first_call_s", "1st call s"),
                          ("img_grad_per_s", "img-grad/s"), ("peak_mib", "peak MiB"), ("x_torchsde", "x torchsde"),
-                         ("vs_exact", "time / exact"), ("max_rel_torchsde", "max rel vs torchsde"),
+                         ("vs_exact", "time / exact"), ("cpu_vs_exact", "CPU time / exact"),
+                         ("max_rel_torchsde", "max rel vs torchsde"),
                          ("cos_torchsde", "cos vs torchsde")]))
     report = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "models": desc,
               "config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},

@@ -10,9 +10,12 @@ the graph engine with the CPU stand-in capture here and with real CUDA graphs on
 (benchmarks/gpu_session.sh's `tests` stage).
 """
 import gc
+import json
 import math
+import sys
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,9 @@ from coup_fast.reference import brownian_interval, purify_published, solve_publi
 from coup_fast.sde import ReverseGrid
 from coup_fast.solver import NoiseStream, PurifyConfig, pipeline
 from problems import analytic_problem, neural_problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bench_published  # noqa: E402
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -309,3 +315,15 @@ def test_published_grid_rejects_queries_off_the_grid():
     with pytest.raises(ValueError, match="^noise: the Brownian path was queried at tau"):
         path(0.9, 0.95, torch.empty(2, 3))
     assert math.isclose(grid.forward[-1], 1 - T_END) and grid.n_counters == 2 * grid.n_forward
+
+
+def test_the_benchmark_runs_and_its_rows_agree(tmp_path):
+    # benchmarks/bench_published.py, tiny (N = 2, B = 2), so that it does not rot: no timed assertions, only that
+    # every row ran and the fast row's gradient is torchsde's on the same path
+    out = tmp_path / "published.json"
+    report = bench_published.main(["--dt", "0.05", "--batch", "2", "--repeats", "1", "--no-memory", "--out", str(out)])
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == set(bench_published.ROWS) and json.loads(out.read_text())["rows"]
+    assert all(math.isfinite(r["seconds"]) and r["seconds"] > 0 for r in rows.values())
+    assert rows["published-fast"]["max_rel_torchsde"] < 1e-4 and rows["published-fast"]["cos_torchsde"] > 0.9999
+
