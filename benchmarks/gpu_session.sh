@@ -4,17 +4,22 @@
 #   OUT=dir bash benchmarks/gpu_session.sh build cifar suite          # second pass
 # build:  the extension in place (CUDA ops for sm_90); skipped when coup_fast/_C*.so already loads with
 #         its CUDA kernels (carry it from an earlier pass); a copy of the .so goes to $OUT for that.
-# tests:  the GPU tests (extension ops, Triton kernels, CUDA-graph and compiled engines, exact gradient, purify).
+# tests:  the GPU tests (extension ops, Triton kernels, CUDA-graph and compiled engines, exact gradient, purify,
+#         the published attack on the graph engine against torchsde).
 # digits: benchmarks/throughput.py on the shipped digits models (t* = 0.1, N = 100).
 # ops:    benchmarks/bench_ops.py (GB/s of the fused elementwise ops).
 # cifar:  throughput.py with NCSN++ deep / WRN-28-10-sized networks (random weights, N = 10 steps).
 # attacks: benchmarks/bench_attacks.py workload (a) at CIFAR size (NCSN++ deep + WRN-28-10, random weights),
 #         B = 64, N = 10: the exact gradient (graph engine, fp32 and TF32) against DiffPure's sdeint_adjoint.
+# published: benchmarks/bench_published.py at CIFAR size (NCSN++ deep + WRN-28-10, random weights), B = 64,
+#         N = 10: the published attack's gradient on the graph engine (TF32) against torchsde's sdeint_adjoint
+#         (fp32, the same Brownian path, and the official BrownianInterval), the exact gradient beside them.
 # peak:   throughput.py purification and exact gradient, CIFAR size, B = 64, graph engine, TF32: the
 #         fraction of the TF32 dense peak (%peak column, ~495 TFLOP/s on an H200).
 # suite:  the whole test suite in parallel, in whatever time is left of TOTAL_S.
 # Issue 18's one-call session (15 device minutes in all, no build: the Triton ops serve CUDA):
 #   OUT=$OUT bash benchmarks/gpu_session.sh attacks peak
+# Issue 24's (the published attack on the graph engine): TESTS_S=240 OUT=$OUT bash benchmarks/gpu_session.sh tests published
 # Each stage has its own time limit, so a slow one cannot take the later ones with it; logs go to
 # $OUT/stages.log (one file: few files come back from the device), benchmark JSON beside it.
 set -uo pipefail
@@ -64,7 +69,8 @@ for what in "$@"; do
       # -n 4: a crash in one test takes down one worker, not the run
       stage tests "${TESTS_S:-120}" $PY -m pytest -q -n 4 --timeout=120 -p no:cacheprovider -rs \
         tests/test_ext_ops.py tests/test_kernels_em_step.py tests/test_kernels_confidence.py tests/test_graphs.py \
-        tests/test_exact_gradient.py tests/test_purify.py tests/test_noise.py tests/test_compiled.py ;;
+        tests/test_exact_gradient.py tests/test_purify.py tests/test_noise.py tests/test_compiled.py \
+        tests/test_published.py ;;
     digits)
       TAIL=60 stage digits "${DIGITS_S:-100}" $PY benchmarks/throughput.py --batch 1,64,512 \
         --knobs fp32,bf16 --repeat 2 --budget 2 --out "$OUT/throughput_digits.json" ;;
@@ -77,6 +83,9 @@ for what in "$@"; do
     attacks)
       TAIL=40 stage attacks "${ATTACKS_S:-300}" $PY -m benchmarks.bench_attacks --arch cifar --device cuda --batch 64 \
         --dt 1e-2 --workloads a --methods diffpure,defaults,best --repeats 1 --out "$OUT/bench_attacks_cifar.json" ;;
+    published)
+      TAIL=20 stage published "${PUBLISHED_S:-300}" $PY -m benchmarks.bench_published --arch cifar --device cuda \
+        --batch 64 --dt 1e-2 --knob tf32 --repeats 2 --out "$OUT/bench_published_cifar.json" ;;
     peak)
       TAIL=30 stage peak "${PEAK_S:-200}" $PY benchmarks/throughput.py --arch cifar --batch 64 --dt 1e-2 \
         --knobs tf32 --engines graph --repeat 2 --budget 3 --out "$OUT/throughput_cifar_tf32.json" ;;

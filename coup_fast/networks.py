@@ -1,9 +1,10 @@
 """The networks' part of a step: the drift terms and the adjoint's vector-Jacobian product.
 
-A step needs two things of the score model and the classifier (docs/design.md §2, §3):
+A step needs these of the score model and the classifier (docs/design.md §2, §3, §7):
 
-    drift_terms(x, t, lam)          -> (s(x, t), g(x) or None)      g = grad_x log max_y p(y | (x + 1)/2)
-    vjp(x_k, a, t, lam, hessian)    -> J_s(x_k)^T a (+ lam H(x_k) a) the gradient of the VJP objective
+    drift_terms(x, t, lam)            -> (s(x, t), g(x) or None)      g = grad_x log max_y p(y | (x + 1)/2)
+    vjp(x_k, a, t, lam, hessian)      -> J_s(x_k)^T a (+ lam H(x_k) a) the gradient of the VJP objective
+    drift_and_score_vjp(x, a, t, lam) -> (s, g or None, J_s(x)^T a)   a step of the published attack's adjoint
 
 `Networks` declares them; `EagerNetworks` runs them with autograd, and engines.compiled's
 `CompiledNetworks` runs the same maths compiled.  `vjp_objective` is the one place the objective
@@ -96,6 +97,18 @@ def adjoint_vjp(x_k, a, t: float, score_model, classifier, lam: float, with_hess
         return vjp_from_graph(score, guidance, x_k, a, lam)
 
 
+def drift_and_score_vjp(x, a, t: float, score_model, classifier, lam: float):
+    """(s(x, t), g(x) or None, J_s(x)^T a) from one score forward: what a step of torchsde's continuous adjoint
+    needs at the reconstructed state (coup_fast.published): the drift to step the path back, the score's VJP
+    to step the adjoint (the guidance is detached, as in the published code: no lam H a)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        score = score_model(leaf, batch_time(leaf, t))
+        vjp = vjp_from_graph(score, None, leaf, a, lam)
+    guidance = confidence_grad(classifier, x, log_confidence=ops.log_confidence) if lam > 0 else None
+    return score.detach(), guidance, vjp
+
+
 class Networks(Protocol):
     """What the solver and the adjoint call of the two networks (eager or compiled)."""
 
@@ -108,6 +121,9 @@ class Networks(Protocol):
     def kept_drift_terms(self, x, t: float, lam: float, with_hessian: bool):
         """(score, the step's guidance or None, the guidance with its graph or None) at a leaf x, grad
         enabled: the graphs a kept step differentiates (see `kept_drift_terms`)."""
+
+    def drift_and_score_vjp(self, x, a, t: float, lam: float):
+        """(score, guidance or None, J_s(x)^T a) at states x, time t (see `drift_and_score_vjp`)."""
 
 
 class EagerNetworks:
@@ -124,3 +140,6 @@ class EagerNetworks:
 
     def kept_drift_terms(self, x, t: float, lam: float, with_hessian: bool):
         return kept_drift_terms(x, t, self.score_model, self.classifier, lam, with_hessian)
+
+    def drift_and_score_vjp(self, x, a, t: float, lam: float):
+        return drift_and_score_vjp(x, a, t, self.score_model, self.classifier, lam)

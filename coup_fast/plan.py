@@ -24,11 +24,19 @@ from .purify import PurifiedClassifier
 from .sde import ReverseGrid
 from .solver import LM_MODE
 
-# Measured on one NVIDIA H200 (README, commit 3027351): NCSN++ deep + WRN-28-10 at batch 64, N = 10 steps,
-# graph engine with TF32 for purification and the exact gradient, torchsde fp32 for the published adjoint.
-# Seconds per image and per step.
+# Seconds per image and per step on one NVIDIA H200, NCSN++ deep + WRN-28-10 at batch 64, N = 10 steps, graph
+# engine with TF32.  Measured (README, commit 3027351): purification 161 img/s, the exact gradient 46.4 img-grad/s
+# per 10 steps; 'detached-guidance' is priced as the exact gradient (an upper bound: it skips the classifier's
+# double backward).
+# 'adjoint' is PROJECTED, not measured: the published attack now runs on the graph engine (coup_fast.published;
+# torchsde fp32 measured 8.02 img-grad/s per 10 steps).  Per step it runs the purification step forward and, backward,
+# one score forward + VJP and one guidance (classifier forward + backward) at the reconstructed state: the
+# detached-guidance lean backward plus one guidance, i.e. the exact gradient's step without the classifier's double
+# backward (lam H a).  So it is priced at the exact gradient's measured rate, an upper bound until
+# `gpu_session.sh published` measures it.  (The cifar10 preset's dry run: 5.55e3 H200-hours with torchsde's rate,
+# 2.44e3 with this one.)
 H200_CIFAR_STEP_SECONDS = {"purify": 1 / (161 * 10), "exact": 1 / (46.4 * 10), "detached-guidance": 1 / (46.4 * 10),
-                           "adjoint": 1 / (8.02 * 10), "bpda": 1 / (161 * 10)}
+                           "adjoint": 1 / (46.4 * 10), "bpda": 1 / (161 * 10)}
 PURIFY, GRADIENT, BPDA = "purify", "gradient", "bpda"  # GRADIENT: the row's own attacker gradient
 
 

@@ -243,8 +243,11 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     sample r in rows r B .. (r + 1) B - 1 with the r-th seed drawn: exactly the draws of K
     sequential calls with the same generator (EOT in one batch).  gradient: 'exact' (discrete adjoint),
     'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
-    sdeint_adjoint, Euler, dt, BrownianInterval, path from t* to 1e-5, guidance detached; not an exact
-    gradient; coup_fast.reference.solve_published), 'bpda' (straight-through), 'detached-guidance'
+    sdeint_adjoint's computation, Euler with dt on the path from t* to 1e-5, guidance detached, the
+    continuous adjoint reconstructing the path backwards; not an exact gradient; coup_fast.published runs
+    it on every engine, equal to torchsde's on the same Brownian motion; its noise is a Brownian path on
+    the forward and adjoint grids from the call's seed, or `noise` as increments on the forward grid),
+    'bpda' (straight-through), 'detached-guidance'
     (purify's own solve with the guidance constant in the backward pass).  memory (the exact gradient's
     step graphs): 'auto' (default: keep step graphs while they fit a quarter of the device's free
     memory, recompute the other steps), a budget in bytes, a size ('512MiB', '2GB') or a share of free
@@ -259,7 +262,9 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     'graph' (as 'auto', and warns when the call cannot use graphs, e.g. CPU tensors), or 'compile'
     (any device: each step's network calls, guidance and the adjoint's Hessian-vector product
     included, run as torch.compile'd functions, coup_fast.engines.compiled; the first call per model pair
-    and shape compiles for tens of seconds).  gradient='adjoint' runs in torchsde whatever the engine.
+    and shape compiles for tens of seconds), or 'torchsde' (gradient='adjoint' only: the published attack
+    in torchsde's sdeint_adjoint, the reference, on the same noise as the other engines; other gradients
+    run as 'auto').
     check_finite: check the purified images (and, in the backward pass, the gradient) once per call and
     raise a ValueError naming the network that produced NaN or Inf (False skips the check).
     rows: None, or (ids, width): the B images are the rows `ids` (distinct, in [0, width)) of a virtual batch of

@@ -14,7 +14,9 @@ pipeline on images in [0, 1].  It never imports the public API (docs/design.md Â
   reproduced: torchsde `sdeint_adjoint`, Euler, fixed dt (1e-3 in the paper), a torchsde
   BrownianInterval, ts = [1 - t*, 1 - 1e-5] (so the path ends at t = 1e-5, its last step 1e-5
   shorter), and the guidance computed on x.detach(): a constant to the adjoint, no lam H term.
-  `purify(gradient='adjoint')` runs exactly this, forward included.
+  `purify(gradient='adjoint')` runs the same computation on coup_fast's solver (coup_fast.published);
+  `purify_published(..., engine='eager' or 'compile')` runs that fast path on this function's noise (a
+  BrownianInterval, `bm` or `noise`), queried at the times torchsde queries it: the equality tests' A/B.
 - `purify_unrolled`: plain autograd through every step of `purify`'s own loop, the exact-gradient oracle.
 """
 from __future__ import annotations
@@ -23,14 +25,17 @@ import math
 
 import torch
 
+from .engines import compiled
 from .engines.torchsde import (T_END, GridBrownian, ReverseVPSDE, brownian_interval, solve_published,  # noqa: F401
                                solve_torchsde, torchsde_times, uniform_step)
 from .networks import EagerNetworks
+from .published import GridPath, PublishedGrid, QueriedPath, published_solve
 from .sde import ReverseGrid
 from .solver import NoiseStream, PurifyConfig, pipeline, solve, unrolled_drift
 
-__all__ = ["T_END", "GridBrownian", "ReverseVPSDE", "brownian_interval", "noise_from_brownian", "purify_published",
-           "purify_torchsde", "purify_unrolled", "solve_published", "solve_torchsde", "torchsde_times"]
+__all__ = ["PUBLISHED_SOLVERS", "T_END", "GridBrownian", "ReverseVPSDE", "brownian_interval", "noise_from_brownian",
+           "purify_published", "purify_torchsde", "purify_unrolled", "solve_published", "solve_torchsde",
+           "torchsde_times"]
 
 
 def noise_from_brownian(bm, x_shape, t_star: float, dt: float = 1e-3) -> torch.Tensor:
@@ -77,15 +82,42 @@ def purify_torchsde(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3,
         adjoint_params=adjoint_params))
 
 
+PUBLISHED_SOLVERS = ("torchsde", "eager", "compile")  # purify_published's engine: the reference, or the fast path's
+
+
+def _published_networks(engine: str, score_model, classifier):
+    if engine == "eager":
+        return EagerNetworks(score_model, classifier)
+    if engine == "compile":
+        return compiled.ENGINE.networks(score_model, classifier)
+    raise ValueError(f"engine: expected one of {PUBLISHED_SOLVERS}, got {engine!r} (the graph engine draws its own "
+                     "counter-based noise: purify(gradient='adjoint', engine='graph'))")
+
+
 def purify_published(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",
-                     noise=None, bm=None, seed: int = 0, adjoint_params=()):
+                     noise=None, bm=None, seed: int = 0, adjoint_params=(), engine="torchsde"):
     """The official COUP / DiffPure pipeline on images in [0, 1], differentiable by the published
     attack's adjoint (`solve_published`).  For mode='diffpure', `noise` carries the diffusion draw
-    first; with `bm`, pass it as noise of shape (1, *x.shape)."""
+    first; with `bm`, pass it as noise of shape (1, *x.shape).
+
+    engine: 'torchsde' (torchsde's sdeint_adjoint, the reference) or 'eager' / 'compile': coup_fast's solver
+    of the same computation (coup_fast.published) on the same noise, `bm` (or the BrownianInterval of `seed`)
+    queried at the times torchsde queries it, `noise` as the same grid path; adjoint_params is torchsde's only."""
     config = _config(t_star, lam, dt, mode, diffusion)
     draws, step_noise = _split_noise(noise, bm, mode)
-    return pipeline(x, config, draws, lambda state: solve_published(
-        state, score_model, classifier, config, noise=step_noise, bm=bm, seed=seed, adjoint_params=adjoint_params))
+    if engine == "torchsde":
+        return pipeline(x, config, draws, lambda state: solve_published(
+            state, score_model, classifier, config, noise=step_noise, bm=bm, seed=seed, adjoint_params=adjoint_params))
+    nets = _published_networks(engine, score_model, classifier)
+
+    def solve_state(state):
+        if step_noise is not None:
+            path = GridPath(PublishedGrid.of(config.grid).forward, step_noise.to(state.dtype))
+        else:
+            path = QueriedPath([bm if bm is not None else brownian_interval(state, t_star, seed=seed, t_end=T_END)])
+        return published_solve(state, nets, config, path)
+
+    return pipeline(x, config, draws, solve_state)
 
 
 def purify_unrolled(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", diffusion="ddpm",

@@ -54,7 +54,7 @@ def _eager(x, score, clf, seed=5, mode="coup", gradient="exact"):
 @pytest.mark.parametrize("engine", ["fast", "", None, 1, "GRAPH"])
 def test_engine_is_validated(engine):
     score, clf = neural_problem()
-    with pytest.raises(ValueError, match=r"engine: expected one of \('auto', 'eager', 'graph', 'compile'\)"):
+    with pytest.raises(ValueError, match=r"engine: expected one of \('auto', 'eager', 'graph', 'compile', 'torchsde'\)"):
         purify(_images(), score, clf, engine=engine, **KW)
 
 

@@ -16,7 +16,7 @@ LAYERS = [
      "coup_fast.analytic", "coup_fast._files"],
     ["coup_fast.kernels", "coup_fast.kernels.em_step", "coup_fast.kernels.adjoint_update", "coup_fast.kernels.confidence",
      "coup_fast.extension", "coup_fast.ops"],
-    ["coup_fast.networks", "coup_fast.lm", "coup_fast.solver", "coup_fast.adjoint"],
+    ["coup_fast.networks", "coup_fast.lm", "coup_fast.solver", "coup_fast.adjoint", "coup_fast.published"],
     ["coup_fast.engines", "coup_fast.engines.eager", "coup_fast.engines.graph", "coup_fast.engines.compiled",
      "coup_fast.engines.torchsde", "coup_fast.reference"],
     ["coup_fast.purify", "coup_fast"],

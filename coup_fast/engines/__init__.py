@@ -16,9 +16,9 @@ import torch
 from ..solver import LM_MODE
 from . import compiled, eager, graph, torchsde
 
-ENGINES = {"eager": eager.ENGINE, "graph": graph.ENGINE, "compile": compiled.ENGINE}
+ENGINES = {"eager": eager.ENGINE, "graph": graph.ENGINE, "compile": compiled.ENGINE, "torchsde": torchsde.ENGINE}
 CHOICES = ("auto", *ENGINES)  # what purify(engine=...) accepts; 'auto' = graph on CUDA when it can, else eager
-PUBLISHED = torchsde.ENGINE  # gradient='adjoint', the published attack, runs here whatever the engine
+PUBLISHED = torchsde.ENGINE  # engine='torchsde': the published attack (gradient='adjoint') in torchsde, the reference
 
 
 def check_engine(engine):
@@ -29,14 +29,22 @@ def check_engine(engine):
 def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1, mode: str = "coup",
            rows: bool = False):
     """The engine that runs this call: 'auto' is the graph engine where it can run (CUDA tensors, no
-    explicit noise), else eager; 'graph' the same, warning once when it cannot; the published attack
-    always runs in torchsde, and mode 'likelihood-max' eagerly (its M optimizer steps are not the SDE
-    loop the graph and compile engines capture)."""
+    explicit noise), else eager; 'graph' the same, warning once when it cannot; mode 'likelihood-max'
+    runs eagerly (its M optimizer steps are not the SDE loop the graph and compile engines capture).
+    The published attack (gradient='adjoint') runs on every engine, coup_fast's solver of it on eager,
+    compile and graph; 'torchsde' runs it in torchsde, the reference, and other gradients as 'auto' would
+    (torchsde has no solver for them; warned once)."""
     check_engine(engine)
     if mode == LM_MODE:
-        if engine in ("graph", "compile"):
+        if engine in ("graph", "compile", "torchsde"):
             ENGINES["graph"].warn_once(f"coup_fast: engine={engine!r} runs the eager engine for mode {LM_MODE!r}")
         return ENGINES["eager"]
+    if engine == "torchsde":
+        if gradient == "adjoint":
+            return PUBLISHED
+        ENGINES["graph"].warn_once(f"coup_fast: engine='torchsde' runs the published attack (gradient='adjoint') "
+                                   f"only; gradient={gradient!r} runs as engine='auto'")
+        engine = "auto"
     if engine in ("auto", "graph"):
         reason = ("rows= (a captured graph draws for its own batch)" if rows else
                   ENGINES["graph"].unsupported(x, noise, gradient, samples))
@@ -45,7 +53,7 @@ def select(engine: str, x, noise=None, gradient: str = "exact", samples: int = 1
         if engine == "graph":
             ENGINES["graph"].warn_once(f"coup_fast: engine='graph' runs the eager engine instead: {reason}")
         engine = "eager"
-    return PUBLISHED if gradient == "adjoint" else ENGINES[engine]
+    return ENGINES[engine]
 
 
 # engine='compile' on a CPU (digits models, tests of issue 18 / bench_attacks.py): its first call per model pair
@@ -97,5 +105,5 @@ def choose_engine(device, calls_per_shape: int, seconds_per_call: float | None =
 
 def clear_caches():
     """Drop every engine's caches: captured CUDA graphs (and their warnings), compiled functions."""
-    for engine in (*ENGINES.values(), PUBLISHED):
+    for engine in ENGINES.values():
         engine.clear()

@@ -7,6 +7,7 @@ Written with torch.func, the two functions a step needs are plain functions of t
 
     drift(x, t)  = (s(x, t), grad_x log max_y p(y | (x + 1)/2))      forward step
     vjp(x, a, t) = J_s(x)^T a + lam H(x) a                           lean adjoint step (docs/design.md §3)
+    drift_and_score_vjp(x, a, t) = (s, g, J_s(x)^T a)                a step of the published attack's adjoint (§7)
 
 and inductor compiles each whole (forward, backward and double backward in one graph): pointwise
 ops fused into loops, one Python call per step instead of hundreds of dispatches.  The maths is
@@ -37,6 +38,7 @@ from ..adjoint import exact_solve
 from ..guidance import classifier_logits, log_max_softmax
 from ..networks import EagerNetworks, batch_time, vjp_from_graph, vjp_objective
 from ..precision import network_rounding
+from ..published import published_solve, stream_path
 
 CACHE_SIZE = 8  # model pairs; the entries keep their models alive, so an id is never reused while cached
 
@@ -91,9 +93,24 @@ class CompiledNetworks:
         def drift_dot(x, t, a, lam):
             return vjp_objective(score_model(x, t), guidance(x), a, lam, True)
 
+        def score_dot_and_score(x, t, a):  # <s, a> with s as the auxiliary output: its gradient is J_s^T a
+            score = score_model(x, t)
+            return vjp_objective(score, None, a, 0.0, False), score
+
+        score_vjp = torch.func.grad_and_value(score_dot_and_score, has_aux=True)
+
+        def score_and_vjp(x, t, a):
+            vjp, (_, score) = score_vjp(x, t, a)
+            return score, vjp
+
+        def score_guidance_and_vjp(x, t, a):
+            vjp, (_, score) = score_vjp(x, t, a)
+            return score, guidance(x), vjp
+
         self._score, self._score_and_guidance = _compile(score), _compile(score_and_guidance)
         self._vjp_score = _compile(lambda x, t, a: torch.func.grad(score_dot)(x, t, a))
         self._vjp_drift = _compile(lambda x, t, a, lam: torch.func.grad(drift_dot)(x, t, a, lam))
+        self._score_and_vjp, self._score_guidance_and_vjp = _compile(score_and_vjp), _compile(score_guidance_and_vjp)
         self.eager = EagerNetworks(score_model, classifier)
         self.rounding = network_rounding(score_model, classifier)  # relative round-off of low-precision knobs
         self._checked = {}  # (use, hessian, shape, dtype, device) -> the compiled products agree with eager
@@ -139,6 +156,26 @@ class CompiledNetworks:
             want = self.eager.vjp(x_k, a, t, lam, with_hessian)
             hessian_part = want - self.eager.vjp(x_k, a, t, lam, False) if hessian else None
             self._checked[key] = _agree(got, want, hessian_part, self.rounding)
+            if not self._checked[key]:
+                return want
+        return got
+
+    def drift_and_score_vjp(self, x, a, t: float, lam: float):
+        """(score, guidance or None, J_s(x)^T a), as networks.drift_and_score_vjp, from one compiled function;
+        checked against the eager one on its first use per shape."""
+        key = ("published", lam > 0, tuple(a.shape), a.dtype, a.device)
+        if self._checked.get(key) is False:
+            return self.eager.drift_and_score_vjp(x, a, t, lam)
+        tb = batch_time(a, t)
+        with torch.no_grad():
+            if lam > 0:
+                got = self._score_guidance_and_vjp(x.detach(), tb, a)
+            else:
+                score, vjp = self._score_and_vjp(x.detach(), tb, a)
+                got = (score, None, vjp)
+        if key not in self._checked:
+            want = self.eager.drift_and_score_vjp(x, a, t, lam)
+            self._checked[key] = all(_agree(g, w, None, self.rounding) for g, w in zip(got, want) if w is not None)
             if not self._checked[key]:
                 return want
         return got
@@ -202,7 +239,10 @@ class CompileEngine:
         return nets
 
     def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
-        return exact_solve(x, self.networks(score_model, classifier), config, stream, gradient == "exact", memory)
+        nets = self.networks(score_model, classifier)
+        if gradient == "adjoint":  # the published attack (coup_fast.published) over the compiled calls
+            return published_solve(x, nets, config, stream_path(stream, config))
+        return exact_solve(x, nets, config, stream, gradient == "exact", memory)
 
     def clear(self):
         """Forget every compiled function (torch.compile's own caches are torch._dynamo.reset())."""

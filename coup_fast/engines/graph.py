@@ -13,6 +13,11 @@ a trajectory is trusted by the backward only while no other graph has replayed s
 the saved input and seed: same noise, bitwise the same trajectory.  So K EOT samples of one
 configuration cost K - 1 extra forward replays in the backward, not K trajectories of memory.
 
+The published attack (gradient='adjoint', coup_fast.published) is captured the same way: the forward on
+the official grid, and torchsde's continuous adjoint, which rebuilds the path from the final state, so its
+backward graph needs no trajectory (nothing to trust or replay again) and memory stays flat in N.  Its
+Philox path reads one (seed, counter) table per sample, so batched EOT (samples = K) is captured too.
+
 Graphs bake in parameter addresses: weights updated in place (load_state_dict, optimizer steps)
 are seen by the next replay; rebound weights (model.half(), p.data = ...) change the key and are
 captured anew.  The engine owns its graphs, pools and warnings; coup_fast.clear_caches() frees them.
@@ -35,6 +40,7 @@ from ..adjoint import Recompute, adjoint_solve
 from ..networks import EagerNetworks
 from ..noise import rng_table
 from ..precision import backend_flags
+from ..published import PhiloxPath, PublishedGrid, philox_tables, published_adjoint, published_forward
 from ..solver import PurifyConfig, recording_drift, plain_drift, solve
 from ..sde import ReverseGrid
 
@@ -218,6 +224,72 @@ class GraphEntry:
             return self.grad_in.clone()
 
 
+class PublishedEntry:
+    """The published attack's graphs of one configuration (coup_fast.published): the forward on the official grid,
+    and the continuous adjoint from the final state.  One Philox table per sample; writing the K seeds before a
+    replay draws K fresh paths."""
+
+    def __init__(self, x, score_model, classifier, config, samples: int, with_grad: bool, capture, clock):
+        self.models, self.config, self.clock = (score_model, classifier), config, clock
+        self.nets = EagerNetworks(score_model, classifier)
+        self.x_in = x.detach().contiguous().clone()  # warm-up runs on real inputs
+        self.tables = philox_tables([0] * samples, PublishedGrid.of(config.grid), x.device)
+        self.path = PhiloxPath(PublishedGrid.of(config.grid), self.tables)
+        self.replay_forward, self.out = capture(self._forward_loop, x.device)
+        self.replay_backward = None
+        if with_grad:
+            self.y_in, self.grad_out = torch.zeros_like(self.x_in), torch.zeros_like(self.x_in)
+            with torch.no_grad():  # a capture runs nothing: the backward warms up on a real final state
+                self.clock.replay(self.replay_forward)
+                self.y_in.copy_(self.out)
+            self.replay_backward, self.grad_in = capture(self._backward_loop, x.device)
+
+    def _forward_loop(self, n_steps):
+        with torch.no_grad():
+            return published_forward(self.x_in, self.nets, self.config, self.path, n_steps)
+
+    def _backward_loop(self, n_steps):
+        return published_adjoint(self.y_in, self.grad_out, self.nets, self.config, self.path, n_steps)
+
+    def write_seeds(self, seeds):
+        for table, seed in zip(self.tables, seeds):
+            table[:, 0].fill_(seed)
+
+    def forward(self, x, seeds) -> torch.Tensor:
+        """The final state for start state x and the samples' seeds (a copy of the static output)."""
+        with torch.no_grad():
+            self.x_in.copy_(x)
+            self.write_seeds(seeds)
+            self.clock.replay(self.replay_forward)
+            return self.out.clone()
+
+    def backward(self, y, grad, seeds) -> torch.Tensor:
+        """dL/dx_0 for final state y and grad = dL/dy, on the seeds' paths."""
+        with torch.no_grad():
+            self.y_in.copy_(y)
+            self.grad_out.copy_(grad)
+            self.write_seeds(seeds)
+            self.clock.replay(self.replay_backward)
+            return self.grad_in.clone()
+
+
+class _PublishedGraphSolve(torch.autograd.Function):
+    """The published solve by a forward replay; its adjoint by a backward replay from the saved final state."""
+
+    @staticmethod
+    def forward(ctx, x, entry, seeds):
+        out = entry.forward(x, seeds)
+        ctx.entry, ctx.seeds = entry, seeds
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (out,) = ctx.saved_tensors
+        return ctx.entry.backward(out, grad_out, ctx.seeds), None, None
+
+
 @dataclasses.dataclass
 class CaptureFailed:
     """Cache marker: this configuration runs eagerly (the capture raised `reason`)."""
@@ -271,9 +343,12 @@ def _model_state(model) -> tuple:
             tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
 
 
-def graph_key(x, score_model, classifier, config, gradient: str, with_grad: bool) -> tuple:
+def graph_key(x, score_model, classifier, config, gradient: str, with_grad: bool, samples: int = 1) -> tuple:
     """What a captured graph depends on besides the values in its static buffers and weights."""
-    kind = ("grad", gradient == "exact") if with_grad else ("forward",)
+    if gradient == "adjoint":  # another grid and another backward; one Philox table per sample
+        kind = ("published", with_grad, samples)
+    else:
+        kind = ("grad", gradient == "exact") if with_grad else ("forward",)
     models = tuple((id(m), _model_state(m)) for m in (score_model, classifier))
     return (str(x.device), tuple(x.shape), x.dtype, config, kind, models, backend_flags(),
             torch.is_inference_mode_enabled())  # buffers made in inference mode are inference tensors
@@ -316,10 +391,8 @@ class GraphEngine:
             return f"x is on {x.device}; CUDA graphs need CUDA tensors"
         if noise is not None:
             return "an explicit `noise` tensor was given (the graph draws counter-based noise itself)"
-        if gradient == "adjoint":
-            return "gradient='adjoint' runs torchsde's adjoint"
-        if samples > 1:
-            return "samples > 1 (a captured graph reads one seed)"
+        if samples > 1 and gradient != "adjoint":
+            return "samples > 1 (a captured graph of the exact gradient reads one seed)"
         return None
 
     def warn_once(self, message: str):
@@ -331,10 +404,14 @@ class GraphEngine:
         """x_N from start state x, differentiable in x (bitwise the eager engine's), or None when the
         models cannot be captured (one warning per model pair; the caller runs eagerly)."""
         with_grad = torch.is_grad_enabled() and x.requires_grad
-        key = graph_key(x, score_model, classifier, config, gradient, with_grad)
+        samples = len(stream.seeds)
+        key = graph_key(x, score_model, classifier, config, gradient, with_grad, samples)
 
         def build(capture):
             try:
+                if gradient == "adjoint":
+                    return PublishedEntry(x.detach(), score_model, classifier, config, samples, with_grad, capture,
+                                          self.cache.clock)
                 return GraphEntry(x.detach(), score_model, classifier, config, with_grad, gradient == "exact", capture,
                                   self.cache.clock)
             except CaptureError as err:
@@ -347,6 +424,9 @@ class GraphEngine:
                            "engine. Models with host syncs or data-dependent control flow (.item(), .cpu(), nonzero) "
                            "cannot be captured; engine='eager' skips the attempt.")
             return None
+        if gradient == "adjoint":
+            seeds = list(stream.seeds)
+            return _PublishedGraphSolve.apply(x, entry, seeds) if with_grad else entry.forward(x, seeds)
         if with_grad:
             return _GraphSolve.apply(x, entry, stream.seed)
         return entry.forward(x, stream.seed)

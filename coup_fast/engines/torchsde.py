@@ -8,8 +8,9 @@ COUP's official code write it, in torchsde's time tau = 1 - t, from tau = 1 - t*
 - `solve_published`: the attack gradient of the official code, reproduced (docs/design.md §7):
   torchsde `sdeint_adjoint`, Euler, fixed dt (1e-3 in the paper), a torchsde BrownianInterval,
   ts = [1 - t*, 1 - 1e-5] (the path ends at t = 1e-5, its last step 1e-5 shorter), and the guidance
-  computed on x.detach(): a constant to the adjoint, no lam H term.  `TorchsdeEngine` runs it for
-  purify(gradient='adjoint'), forward included.
+  computed on x.detach(): a constant to the adjoint, no lam H term.  It is the reference of the fast
+  path (coup_fast.published, which the eager, compile and graph engines run); `TorchsdeEngine` runs it
+  for purify(gradient='adjoint', engine='torchsde') on the fast path's own Brownian path.
 - `solve_torchsde`: the same SDE on N uniform steps from t* to t_end.  With t_end = 0 (purify's grid)
   and the same Brownian increments `sdeint` reproduces purify step for step; with adjoint=True
   (t_end > 0) `sdeint_adjoint` gives a continuous adjoint that keeps lam H, forward and adjoint on one
@@ -26,10 +27,9 @@ from torchsde._brownian import BaseBrownian  # the interface sdeint expects of `
 
 from ..guidance import confidence_grad
 from ..networks import batch_time
+from ..published import T_END, GridPath, stepped_times, stream_path
 from ..solver import PurifyConfig
 from ..sde import vp_beta
-
-T_END = 1e-5  # the official code's reverse path ends at t = 1e-5: ts = [1 - t*, 1 - 1e-5] in torchsde's time
 
 
 class ReverseVPSDE(nn.Module):
@@ -77,55 +77,52 @@ def uniform_step(t_star: float, t_end: float, n_steps: int) -> float:
 def torchsde_times(t_star: float, t_end: float, step: float) -> list[float]:
     """The torchsde times tau_0 .. tau_N an Euler solve from 1 - t* to 1 - t_end visits with step `step`
     (torchsde's rule: next = min(current + step, end), in float64)."""
-    tau, end = 1.0 - t_star, 1.0 - t_end
-    times = [tau]
-    while tau < end:
-        tau = min(tau + step, end)
-        times.append(tau)
-    return times
+    return list(stepped_times(1.0 - t_star, 1.0 - t_end, step))
 
 
-class GridBrownian(BaseBrownian):
-    """A Brownian path given by its increments on a grid: W(tau_{k+1}) - W(tau_k) = sqrt(tau_{k+1} - tau_k) z_k.
+class PathBrownian(BaseBrownian):
+    """A coup_fast Brownian path (coup_fast.published: PhiloxPath, GridPath) as torchsde's `bm`: its increments,
+    flattened to the (rows, D) torchsde integrates.  like: a tensor of the state's shape (its values unused)."""
 
-    Lets torchsde run on exactly the noise `purify` uses.  Queries are snapped to the nearest grid
-    time (the adjoint's own grid may sit a little off the forward one, as on the published grid).
-    """
-
-    def __init__(self, times, noise: torch.Tensor):
+    def __init__(self, path, like: torch.Tensor):
         super().__init__()
-        n = noise.shape[0]
-        if len(times) != n + 1:
-            raise ValueError(f"noise: expected {len(times) - 1} draws for the {len(times) - 1} steps of the grid, got {n}")
-        steps = torch.tensor([b - a for a, b in zip(times[:-1], times[1:])], dtype=noise.dtype, device=noise.device)
-        inc = steps.sqrt().reshape(n, 1, 1) * noise.reshape(n, noise.shape[1], -1)
-        self._cum = torch.cat([torch.zeros_like(inc[:1]), inc.cumsum(0)])  # W at tau_0 .. tau_N
-        self._times = torch.tensor(times, dtype=torch.float64)
-
-    def _w(self, tau):
-        return self._cum[int((self._times - float(tau)).abs().argmin())]
+        self.path, self._like = path, torch.empty_like(like, memory_format=torch.contiguous_format)
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
-        return self._w(tb) - self._w(ta)
+        return self.path(float(ta), float(tb), self._like).reshape(self._like.shape[0], -1)
 
     def __repr__(self):
-        return f"GridBrownian(steps={self._cum.shape[0] - 1})"
+        return f"PathBrownian({type(self.path).__name__})"
 
     @property
     def dtype(self):
-        return self._cum.dtype
+        return self._like.dtype
 
     @property
     def device(self):
-        return self._cum.device
+        return self._like.device
 
     @property
     def shape(self):
-        return self._cum.shape[1:]
+        return torch.Size((self._like.shape[0], self._like[0].numel()))
 
     @property
     def levy_area_approximation(self):
         return "none"
+
+
+class GridBrownian(PathBrownian):
+    """A Brownian path given by its increments on a grid: W(tau_{k+1}) - W(tau_k) = sqrt(tau_{k+1} - tau_k) z_k.
+
+    Lets torchsde run on exactly the noise `purify` uses.  Queries are snapped to the nearest grid time (the
+    adjoint's own grid may sit a little off the forward one, as on the published grid): coup_fast.published.GridPath.
+    """
+
+    def __init__(self, times, noise: torch.Tensor):
+        super().__init__(GridPath(times, noise), noise[0])
+
+    def __repr__(self):
+        return f"GridBrownian(steps={len(self.path.times) - 1})"
 
 
 def brownian_interval(x: torch.Tensor, t_star: float, *, seed: int = 0, t_end: float = 0.0) -> torchsde.BrownianInterval:
@@ -191,7 +188,10 @@ def solve_published(x, score_model, classifier, config: PurifyConfig, *, noise=N
 
 
 class TorchsdeEngine:
-    """The published attack's solver: chosen for gradient='adjoint' whatever the engine argument."""
+    """engine='torchsde': the published attack (gradient='adjoint') in torchsde, the reference solver.  Its noise is
+    the fast engines' (coup_fast.published.stream_path: the Philox path of the call's seeds, one per sample, or the
+    explicit draws), so an A/B on one seed compares solvers, not noise; the official BrownianInterval is
+    coup_fast.reference.purify_published's."""
 
     name = "torchsde"
 
@@ -199,13 +199,8 @@ class TorchsdeEngine:
         return None if gradient == "adjoint" else "it runs the published attack (gradient='adjoint') only"
 
     def solve(self, x, score_model, classifier, config, stream, gradient="adjoint", memory="lean"):
-        draws = stream.step_draws()
-        if draws is not None or len(stream.seeds) == 1:
-            return solve_published(x, score_model, classifier, config, noise=draws, seed=stream.seed,
-                                   adjoint=x.requires_grad)
-        # K samples: one BrownianInterval each, as K separate calls draw them
-        return torch.cat([solve_published(part, score_model, classifier, config, seed=seed, adjoint=x.requires_grad)
-                          for part, seed in zip(x.chunk(len(stream.seeds)), stream.seeds)])
+        bm = PathBrownian(stream_path(stream, config), x)  # the K samples in one solve: each has its own path
+        return solve_published(x, score_model, classifier, config, bm=bm, adjoint=x.requires_grad)
 
     def clear(self):
         pass
