@@ -261,7 +261,7 @@ def choose_eval_engine(cfg: EvalConfig, models: dict, x, y) -> EngineChoice | No
     for label, per_threat in models.items():
         for model in per_threat.values():
             kw = getattr(model, "purify_kwargs", None)
-            if kw is None or kw["mode"] == LM_MODE or kw["gradient"] == "adjoint":  # these never compile
+            if kw is None or kw["mode"] == LM_MODE:  # LM's optimizer steps never compile
                 continue
             probe = model if probe is None else probe
             randomized = is_randomized(model)

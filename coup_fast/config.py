@@ -162,8 +162,9 @@ class EvalConfig:
     gradient: str = _setting("exact", f"attacker gradient of defenses given without @gradient, one of {ATTACK_GRADIENTS}")
     engine: str = _setting("auto", f"purify's engine, one of {ENGINES}; 'auto': CUDA graphs on a GPU, and on a CPU "
                                    "'compile' (torch.compile'd steps, 20-90 s of compiling per batch shape first) when "
-                                   "the run's calls per batch shape pay for it, else eager (said at the start); not "
-                                   "in the resume hash, engines agree to round-off")
+                                   "the run's calls per batch shape pay for it, else eager (said at the start); "
+                                   "'torchsde': the published attack's rows (@adjoint) through torchsde, the reference, "
+                                   "the other rows as 'auto'; not in the resume hash, engines agree to round-off")
     n_iter: int | None = _setting(None, "APGD iterations, in apgd-ce and inside AutoAttack (paper: 100)")
     eot: int | None = _setting(None, "EOT draws per gradient of AutoAttack 'rand' (paper: 20)")
     apgd_eot: int = _setting(1, "EOT draws per gradient of the apgd-ce attack (AutoAttack's APGD-CE: 1)")

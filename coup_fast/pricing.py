@@ -119,7 +119,8 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
                   f"{plan.hours(total / 8)} with 8 (torchrun --nproc_per_node=8, one GPU each)."]
     if cifar:
         lines.append(f"On one H200 (README's measured rates for NCSN++ deep + WRN-28-10 at batch 64: graph engine, "
-                     f"TF32; the published adjoint in torchsde fp32): {plan.hours(h200_total)}.")
+                     f"TF32; the published adjoint on coup_fast's own solver projected at the exact gradient's rate, "
+                     f"plan.H200_CIFAR_STEP_SECONDS): {plan.hours(h200_total)}.")
     if cfg.schedule == "cascade":
         lines.append(f"Schedule 'cascade': later stages attack only the images still standing, so a real run costs "
                      f"less; the bound above is what --schedule full costs.  A pilot (--pilot K) measures the share "

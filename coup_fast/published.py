@@ -131,15 +131,16 @@ class PhiloxPath:
     after a new seed is written draws a fresh path).  tables: one (n_counters, 2) int64 table per sample;
     sample r owns rows r B .. (r + 1) B - 1 of the state, as separate calls of one sample would."""
 
-    def __init__(self, grid: PublishedGrid, tables: list):
-        self.grid, self.tables = grid, tables
+    def __init__(self, grid: PublishedGrid, tables: list, rows=None):
+        self.grid, self.tables, self.rows = grid, tables, rows  # rows: purify's (ids, width), as NoiseStream's
 
     def _sample(self, like, table, parts):
+        full = like if self.rows is None else like.new_empty((self.rows[1], *like.shape[1:]))
         (counter, scale), *rest = parts
-        inc = ops.normal_noise(like, table[counter]) * scale
+        inc = ops.normal_noise(full, table[counter]) * scale
         for counter, scale in rest:
-            inc.add_(ops.normal_noise(like, table[counter]), alpha=scale)
-        return inc
+            inc.add_(ops.normal_noise(full, table[counter]), alpha=scale)
+        return inc if self.rows is None else inc.index_select(0, self.rows[0])
 
     def __call__(self, tau_a: float, tau_b: float, like):
         parts = self.grid.sub_intervals(tau_a, tau_b)
@@ -203,7 +204,7 @@ def stream_path(stream: NoiseStream, config: PurifyConfig):
     draws = stream.step_draws()
     if draws is not None:
         return GridPath(grid.forward, draws)
-    return PhiloxPath(grid, philox_tables(stream.seeds, grid, stream.device))
+    return PhiloxPath(grid, philox_tables(stream.seeds, grid, stream.device), stream.rows)
 
 
 # --------------------------------------------------------------------------- the solve

@@ -37,8 +37,8 @@ SCHEDULES = ("cascade", "full")
 # Seconds of one solver step per image row relative to a purification step, per kind of call (digits models, one
 # CPU thread, B = 32: plan.measure_step_seconds; the exact gradient recomputes each step's networks with their
 # double backward).  Only the ratios matter.
-RELATIVE_STEP_COST = {"purify": 1.0, "bpda": 1.3, "exact": 3.2, "detached-guidance": 2.6, "adjoint": 2.6,
-                      "exact-bf16": 2.6}
+RELATIVE_STEP_COST = {"purify": 1.0, "bpda": 1.05, "exact": 2.9, "detached-guidance": 1.9, "adjoint": 2.8,
+                      "exact-bf16": 2.9}
 # The share of the images still standing that each attack broke (Worst-of-R) when it ran alone after the clean
 # column, on the digits default run (docs/design.md §9).  An attack without a measurement counts as 0.5.
 STRENGTH = {"apgd-ce": 0.52, "pgd-eot": 0.48, "aa-rand": 0.26, "aa": 0.30, "aa-standard": 0.20, "bpda-eot": 0.35}
