@@ -181,6 +181,7 @@ class CompileEngine:
     """engine='compile': the eager solve and adjoint over CompiledNetworks, one per model pair (cached)."""
 
     name = "compile"
+    takes_states = True  # solve(states=...), as the eager engine (the same adjoint.exact_solve)
 
     def __init__(self, max_size: int = CACHE_SIZE):
         self.max_size = max_size
@@ -201,8 +202,9 @@ class CompileEngine:
         self._cache[key] = (score_model, classifier, nets)
         return nets
 
-    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
-        return exact_solve(x, self.networks(score_model, classifier), config, stream, gradient == "exact", memory)
+    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean", states=()):
+        return exact_solve(x, self.networks(score_model, classifier), config, stream, gradient == "exact", memory,
+                           states)
 
     def clear(self):
         """Forget every compiled function (torch.compile's own caches are torch._dynamo.reset())."""
