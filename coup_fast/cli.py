@@ -23,7 +23,7 @@ import torch
 
 from . import data, plan
 from ._files import atomic_write_text
-from .attacks import ATTACKS, NORMS, OWN_GRADIENT, AttackSettings, is_randomized
+from .attacks import ATTACKS, LOSSES, NORMS, OWN_GRADIENT, AttackSettings, is_randomized
 from .engines import CHOICES as ENGINES
 from .engines import EngineChoice, choose_engine
 from .evaluate import (ATTACK_GRADIENTS, DEFENSES, DIAG_ITER, LM_DEFENSES, OUTPUT_FILES, SDE_DEFENSES, Defense,
@@ -66,14 +66,17 @@ PRESETS = {
     "digits": dict(n_images=32, batch_size=32, eps_linf=0.15, eps_l2=1.0, t_star_linf=0.1, t_star_l2=0.1, dt=2e-2,
                    n_iter=5, eot=2, pgd_iter=10, pgd_eot=4, bpda_iter=20, bpda_eot=4, fab_iter=10,
                    square_queries=100, n_eval=10, threads=1, pgd_random_start=True, defenses=_DIGITS_DEFENSES,
+                   diffattack_iter=5, diffattack_eot=4, diffhammer_iter=5, diffhammer_n=10,
                    attacks=["apgd-ce", "aa-rand", "pgd-eot"], threats=["Linf"]),
     "cifar10": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075, dt=1e-3,
                     n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
                     square_queries=5000, n_eval=10, pgd_random_start=True, defenses=_PAPER_DEFENSES,
+                    diffattack_iter=100, diffattack_eot=20, diffhammer_iter=50, diffhammer_n=10,
                     attacks=["aa", "apgd-ce", "bpda-eot"], threats=["Linf", "L2"]),
     "cifar100": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075,
                      dt=1e-3, n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
-                     square_queries=5000, n_eval=10, pgd_random_start=True,
+                     square_queries=5000, n_eval=10, pgd_random_start=True, diffattack_iter=100, diffattack_eot=20,
+                     diffhammer_iter=50, diffhammer_n=10,
                      defenses=["none", "lm", "lm@bpda", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"],
                      attacks=["apgd-ce"], threats=["Linf"]),
 }
@@ -172,6 +175,29 @@ class EvalConfig:
     bpda_iter: int | None = _setting(None, "bpda-eot iterations (paper: PGD-20)")
     bpda_step: float | None = _setting(None, "bpda-eot step (default 0.007 at L-inf 8/255, scaled with eps)")
     bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
+    # issue 25: the loss of the PGD attacks, and DiffAttack's and DiffHammer's settings (coup_fast.attacks.registry)
+    loss: str = _setting("ce", f"loss pgd-eot and bpda-eot ascend, one of {LOSSES} (default ce): 'margin' is Carlini & "
+                               "Wagner's max_(j != y) z_j - z_y (S&P 2017), 'dlr' Croce & Hein's difference of logits "
+                               "ratio (ICML 2020, AutoAttack's APGD-DLR)")
+    diffattack_iter: int | None = _setting(None, "diffattack: APGD iterations per round, CE then DLR (digits 5; CIFAR "
+                                                 "100, Kang et al., 'DiffAttack', NeurIPS 2023, App. D.2)")
+    diffattack_eot: int | None = _setting(None, "diffattack: EOT draws per gradient (digits 4; CIFAR 20, DiffAttack "
+                                                "App. D.2)")
+    diffattack_lambda: float = _setting(1.0, "diffattack: weight of the deviated-reconstruction loss over the reverse "
+                                             "states (default 1.0, DiffAttack App. D.2)")
+    diffattack_steps: int | None = _setting(None, "diffattack: reverse states carrying the deviated-reconstruction "
+                                                  "loss, evenly spaced (default: all N; DiffAttack Sec. 4.7: uniform "
+                                                  "steps)")
+    diffhammer_iter: int | None = _setting(None, "diffhammer: APGD iterations per restart (digits 5; CIFAR 50, Wang et "
+                                                 "al., 'DiffHammer', NeurIPS 2024, App. C.1.2: 3 x 50)")
+    diffhammer_restarts: int = _setting(3, "diffhammer: restarts, ascending the margin, CE and DLR losses in turn "
+                                           "(default 3, DiffHammer App. C.1.2 and its code)")
+    diffhammer_n: int | None = _setting(None, "diffhammer: N purification paths per iteration for the EM and the "
+                                              "in-loop evaluation (digits and CIFAR 10, DiffHammer Sec. 4.5)")
+    diffhammer_alpha: float = _setting(0.5, "diffhammer: stepwise-EM exponent, g_t = t^-a g + (1 - t^-a) g_(t-1) "
+                                            "(default 0.5, DiffHammer Sec. 4.5)")
+    diffhammer_em_lam: float = _setting(5.0, "diffhammer: E-step sharpness, q = sigmoid(lam z) (default 5, DiffHammer's "
+                                             "code, EM_LAM)")
     eot_chunk: int | None = _setting(None, "EOT and evaluation samples per batched purify call (default: all K at "
                                            "once, a batch of K x batch-size; lower it when that does not fit in "
                                            "memory; 1 = sequential calls)")
@@ -241,9 +267,10 @@ class EvalConfig:
 
 _POSITIVE_INT = ("n_images", "batch_size", "n_iter", "eot", "apgd_eot", "n_restarts", "n_target_classes", "fab_iter",
                  "square_queries", "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen",
-                 "threads", "lm_steps", "diag_images", "diag_draws", "eot_chunk")
+                 "threads", "lm_steps", "diag_images", "diag_draws", "eot_chunk", "diffattack_iter", "diffattack_eot",
+                 "diffhammer_iter", "diffhammer_restarts", "diffhammer_n")
 _CHOICES = {"subset": SUBSETS, "diffusion": DIFFUSION_SCHEDULES, "gradient": ATTACK_GRADIENTS, "engine": ENGINES,
-            "lm_rule": LM_RULES}
+            "lm_rule": LM_RULES, "loss": LOSSES}
 _POSITIVE_FLOAT = ("eps_linf", "eps_l2", "t_star_linf", "t_star_l2", "dt", "bpda_step", "pgd_step", "pgd_step_scale",
                    "lm_lr")
 _OPTIONAL = ("pgd_step", "bpda_step", "pgd_step_scale", "eot_chunk")  # None: the attack's own default
