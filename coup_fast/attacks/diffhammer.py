@@ -9,7 +9,7 @@ Per iteration at the current point x (N purification paths phi_i, one batched pu
                     phi_i(x) (the classifier's backward only)
     choice          phi^ = argmax_j sum_i elu(L_i + eps u(g_j)^T g_i)         (Eq. 11; u = sign, or g/||g||_2)
     E-step          q_i  = sigmoid(lam (L_i + u(g_phi^)^T g_i))                (Eq. 9 with the code's Delta r and sigma)
-    M-step          g~   = sum_i q_i g_i / sum_i q_i                          (Algorithm 1, line 11; normalised as the code)
+    M-step          g~   = sum_i q_i g_i / sum_i q_i                          (Algorithm 1, line 11; the code's norm.)
     grafting        g    = (d phi^(x) / dx)^T g~                              (Eq. 10: one backward, through phi^ only)
     stepwise EM     g_t  = t^-alpha g + (1 - t^-alpha) g_{t-1}                (Algorithm 1, line 14)
 
