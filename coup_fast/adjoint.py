@@ -277,18 +277,34 @@ class KeptGraphs:
         return self.nets.vjp(step, a, self.config.grid.t(k), self.config.lam, self.with_hessian)
 
 
-def adjoint_solve(step_vjps, a, config: PurifyConfig, first_steps: int | None = None):
+def adjoint_solve(step_vjps, a, config: PurifyConfig, first_steps: int | None = None, cotangents=None):
     """The discrete adjoint: from a = dL/dx_N walk k = N-1 .. 0 with `step_vjps.vjp(k, a)`; returns
-    dL/dx_0 (or the adjoint after the first `first_steps` backward steps, for a CUDA-graph warm-up)."""
+    dL/dx_0 (or the adjoint after the first `first_steps` backward steps, for a CUDA-graph warm-up).
+
+    cotangents: {k: dL/dx_k}, the gradients a loss of the intermediate states sends to x_k directly
+    (k in 0 .. N; docs/design.md §3, per-step losses); each is added to a_k as the walk reaches step k."""
     grid = config.grid
+    cotangents = cotangents or {}
     last = grid.n_steps - 1
     stop = -1 if first_steps is None else max(last - first_steps, -1)
+    if grid.n_steps in cotangents:
+        a = a + cotangents[grid.n_steps]
     for k in range(last, stop, -1):
         vjp = step_vjps.vjp(k, a)
         if vjp.dtype != a.dtype:
             vjp = vjp.to(a.dtype)
         a = ops.adjoint_update(a, vjp, grid.beta_dt(k))
+        if k in cotangents:
+            a = a + cotangents[k]
     return a
+
+
+def _state(steps: list, out, k: int):
+    """x_k of a solve whose forward recorded `steps` (x_k or a KeptStep for k < N) and ended at `out` (x_N)."""
+    if k == len(steps):
+        return out
+    step = steps[k]
+    return step.x.detach() if isinstance(step, KeptStep) else step
 
 
 class ExactSolve(torch.autograd.Function):
@@ -302,7 +318,7 @@ class ExactSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, nets, config, stream, with_hessian, budget):
+    def forward(ctx, x, nets, config, stream, with_hessian, budget, states=()):
         drift = BudgetDrift(nets, config.lam, with_hessian, config.grid.n_steps, budget)
         with torch.no_grad():
             out = solve(x, config, stream, drift)
@@ -311,12 +327,14 @@ class ExactSolve(torch.autograd.Function):
         # the stored states go through save_for_backward (version-checked); the kept graphs hold their own
         ctx.save_for_backward(*[s for s in steps if not isinstance(s, KeptStep)])
         ctx.steps = [s if isinstance(s, KeptStep) else None for s in steps]
-        ctx.nets, ctx.config, ctx.with_hessian = nets, config, with_hessian
-        return out
+        ctx.nets, ctx.config, ctx.with_hessian, ctx.states = nets, config, with_hessian, tuple(states)
+        if not states:
+            return out
+        return out, torch.stack([_state(steps, out, k) for k in states])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_states=None):
         states = ctx.saved_tensors  # unpack once: each access of saved_tensors unpacks (and version-checks) all
         if ctx.kept_steps == 0:
             step_vjps = Recompute(states, ctx.nets, ctx.config, ctx.with_hessian)
@@ -324,13 +342,28 @@ class ExactSolve(torch.autograd.Function):
             stored = iter(states)
             steps = [s if s is not None else next(stored) for s in ctx.steps]
             step_vjps = KeptGraphs(steps, ctx.nets, ctx.config, ctx.with_hessian)
-        return adjoint_solve(step_vjps, grad_out.contiguous(), ctx.config), None, None, None, None, None
+        cotangents = dict(zip(ctx.states, grad_states)) if ctx.states else None
+        grad = adjoint_solve(step_vjps, grad_out.contiguous(), ctx.config, cotangents=cotangents)
+        return grad, None, None, None, None, None, None
 
 
-def exact_solve(x, nets, config: PurifyConfig, stream, with_hessian: bool = True, memory="auto"):
+def exact_solve(x, nets, config: PurifyConfig, stream, with_hessian: bool = True, memory="auto", states=()):
     """x_N of the solve from state x, differentiable in x by the discrete adjoint (a plain no-grad solve
-    when no gradient is needed).  memory: see `memory_budget`."""
+    when no gradient is needed).  memory: see `memory_budget`.
+
+    states: step indices k in 0 .. N (x_0 = x, x_N the result): then returns (x_N, the states x_k stacked,
+    (len(states), *x.shape)), each differentiable in x: the adjoint adds the gradient a loss sends to x_k at
+    step k (docs/design.md §3, per-step losses)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
-            return solve(x, config, stream, plain_drift(nets, config.lam))
-    return ExactSolve.apply(x, nets, config, stream, with_hessian, memory_budget(memory, x.device))
+            if not states:
+                return solve(x, config, stream, plain_drift(nets, config.lam))
+            wanted, seen = set(states), {0: x}
+
+            def keep(step):  # only the states asked for: memory stays len(states) states
+                if step["k"] + 1 in wanted:
+                    seen[step["k"] + 1] = step["x"]
+
+            out = solve(x, config, stream, plain_drift(nets, config.lam), callback=keep)
+            return out, torch.stack([seen[k] for k in states])
+    return ExactSolve.apply(x, nets, config, stream, with_hessian, memory_budget(memory, x.device), tuple(states))

@@ -266,7 +266,7 @@ def choose_eval_engine(cfg: EvalConfig, models: dict, x, y) -> EngineChoice | No
             probe = model if probe is None else probe
             randomized = is_randomized(model)
             for attack in ["clean", *cfg.attacks]:
-                work = plan.attack_work(attack, settings, cfg.n_eval, randomized)
+                work = plan.attack_work(attack, settings, cfg.n_eval, randomized, model)
                 calls += n_batches * sum(count / samples for (_, samples), count in work.calls)
                 draws += n_batches * plan.solver_steps(model) * sum(count for _, count in work.calls)
     if probe is None or not calls:

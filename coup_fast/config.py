@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .attacks import ATTACKS, NORMS, AttackSettings
+from .attacks import ATTACKS, LOSSES, NORMS, AttackSettings
 from .engines import CHOICES as ENGINES
 from .evaluate import ATTACK_GRADIENTS, DEFENSES, LM_DEFENSES, OUTPUT_FILES, SDE_DEFENSES, Defense
 from .lm import RULES as LM_RULES
@@ -52,14 +52,17 @@ PRESETS = {
     "digits": dict(n_images=32, batch_size=32, eps_linf=0.15, eps_l2=1.0, t_star_linf=0.1, t_star_l2=0.1, dt=2e-2,
                    n_iter=5, eot=2, pgd_iter=10, pgd_eot=4, bpda_iter=20, bpda_eot=4, fab_iter=10,
                    square_queries=100, n_eval=10, threads=1, pgd_random_start=True, defenses=_DIGITS_DEFENSES,
+                   diffattack_iter=5, diffattack_eot=4, diffhammer_iter=5, diffhammer_n=10,
                    attacks=["apgd-ce", "aa-rand", "pgd-eot"], threats=["Linf"]),
     "cifar10": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075, dt=1e-3,
                     n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
                     square_queries=5000, n_eval=10, pgd_random_start=True, defenses=_PAPER_DEFENSES,
+                    diffattack_iter=100, diffattack_eot=20, diffhammer_iter=50, diffhammer_n=10,
                     attacks=["aa", "apgd-ce", "bpda-eot"], threats=["Linf", "L2"]),
     "cifar100": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075,
                      dt=1e-3, n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
-                     square_queries=5000, n_eval=10, pgd_random_start=True,
+                     square_queries=5000, n_eval=10, pgd_random_start=True, diffattack_iter=100, diffattack_eot=20,
+                     diffhammer_iter=50, diffhammer_n=10,
                      defenses=["none", "lm", "lm@bpda", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"],
                      attacks=["apgd-ce"], threats=["Linf"]),
 }
@@ -182,6 +185,28 @@ class EvalConfig:
     bpda_iter: int | None = _setting(None, "bpda-eot iterations (paper: PGD-20)")
     bpda_step: float | None = _setting(None, "bpda-eot step (unset: 0.007 at L-inf 8/255, scaled with eps)")
     bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
+    # issue 25: the loss of the PGD attacks, and DiffAttack's and DiffHammer's settings (coup_fast.attacks.registry)
+    loss: str = _setting("ce", f"loss pgd-eot and bpda-eot ascend, one of {LOSSES}: 'margin' is Carlini & Wagner's "
+                               "max_(j != y) z_j - z_y (S&P 2017), 'dlr' Croce & Hein's difference of logits ratio "
+                               "(ICML 2020, AutoAttack's APGD-DLR)")
+    diffattack_iter: int | None = _setting(None, "diffattack: APGD iterations per round, CE then DLR (Kang et al., "
+                                                 "'DiffAttack', NeurIPS 2023, App. D.2: 100)")
+    diffattack_eot: int | None = _setting(None, "diffattack: EOT draws per gradient (DiffAttack App. D.2: 20)")
+    diffattack_lambda: float = _setting(1.0, "diffattack: weight of the deviated-reconstruction loss over the reverse "
+                                             "states (DiffAttack App. D.2: 1)")
+    diffattack_steps: int | None = _setting(None, "diffattack: reverse states carrying the deviated-reconstruction "
+                                                  "loss, evenly spaced (unset: all N; DiffAttack Sec. 4.7: uniform "
+                                                  "steps)")
+    diffhammer_iter: int | None = _setting(None, "diffhammer: APGD iterations per restart (Wang et al., 'DiffHammer', "
+                                                 "NeurIPS 2024, App. C.1.2: 3 x 50)")
+    diffhammer_restarts: int = _setting(3, "diffhammer: restarts, ascending the margin, CE and DLR losses in turn "
+                                           "(DiffHammer App. C.1.2 and its code)")
+    diffhammer_n: int | None = _setting(None, "diffhammer: N purification paths per iteration for the EM and the "
+                                              "in-loop evaluation (DiffHammer Sec. 4.5: 10)")
+    diffhammer_alpha: float = _setting(0.5, "diffhammer: stepwise-EM exponent, g_t = t^-a g + (1 - t^-a) g_(t-1) "
+                                            "(DiffHammer Sec. 4.5)")
+    diffhammer_em_lam: float = _setting(5.0, "diffhammer: E-step sharpness, q = sigmoid(lam z) (DiffHammer's code, "
+                                             "EM_LAM)")
     eot_chunk: int | None = _setting(None, "EOT and evaluation samples per batched purify call (unset: all K at once, a "
                                            "batch of K x batch-size rows; lower it when that does not fit in memory; "
                                            "1 = sequential calls)")
@@ -252,14 +277,15 @@ class EvalConfig:
 
 _POSITIVE_INT = ("n_images", "batch_size", "n_iter", "eot", "apgd_eot", "n_restarts", "n_target_classes", "fab_iter",
                  "square_queries", "pgd_iter", "pgd_eot", "bpda_iter", "bpda_eot", "n_eval", "wrn_depth", "wrn_widen",
-                 "threads", "lm_steps", "diag_images", "diag_draws", "eot_chunk", "pilot")
+                 "threads", "lm_steps", "diag_images", "diag_draws", "eot_chunk", "pilot", "diffattack_iter",
+                 "diffattack_eot", "diffhammer_iter", "diffhammer_restarts", "diffhammer_n", "diffattack_steps")
 _AT_MOST = {"threads": MAX_THREADS, "lm_steps": MAX_LM_STEPS, "wrn_depth": MAX_WRN_DEPTH, "wrn_widen": MAX_WRN_WIDEN,
             "n_images": MAX_IMAGES}
 _CHOICES = {"subset": SUBSETS, "diffusion": DIFFUSION_SCHEDULES, "gradient": ATTACK_GRADIENTS, "engine": ENGINES,
-            "lm_rule": LM_RULES, "schedule": SCHEDULES}
+            "lm_rule": LM_RULES, "schedule": SCHEDULES, "loss": LOSSES}
 _POSITIVE_FLOAT = ("eps_linf", "eps_l2", "t_star_linf", "t_star_l2", "dt", "bpda_step", "pgd_step", "pgd_step_scale",
                    "lm_lr")
-_OPTIONAL = ("pgd_step", "bpda_step", "pgd_step_scale", "eot_chunk", "pilot")  # None: the attack's own default, or off
+_OPTIONAL = ("pgd_step", "bpda_step", "pgd_step_scale", "eot_chunk", "pilot", "diffattack_steps")  # None: the attack's own default, or off
 IMAGE_NUMEL = {"digits": 64, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}  # pixels of one image (eps_l2's bound)
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -379,6 +405,11 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     if not (isinstance(cfg.lam, (int, float)) and not isinstance(cfg.lam, bool) and math.isfinite(cfg.lam)
             and cfg.lam >= 0):
         raise ConfigError("lam", f"expected a finite number >= 0, got {cfg.lam!r}")
+    try:
+        cfg.attack_settings()
+    except ValueError as e:  # AttackSettings checks its fields, naming them
+        name = str(e).split(":")[0].strip().lstrip("-").replace("-", "_")
+        raise ConfigError(name if hasattr(cfg, name) else "config", str(e).partition(": ")[2] or str(e)) from None
     try:
         cfg.lm_config()
     except ValueError as e:

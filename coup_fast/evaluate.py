@@ -344,7 +344,7 @@ class _Run:
             task.what, model, xb, yb, norm=task.threat, eps=self.eps[task.threat], seed=s % 2**31,
             settings=self.settings, draws=ImageDraws(s, images, meta["width"]))
         names, correct, loss = reevaluate(model, candidates, yb, meta["n_eval"], self.settings.eot_chunk)
-        work = plan.attack_work(task.what, self.settings, meta["n_eval"], is_randomized(model))
+        work = plan.attack_work(task.what, self.settings, meta["n_eval"], is_randomized(model), model)
         return {"candidates": names, "correct": correct.int().tolist(), "loss": loss.tolist(),
                 "gradients": work.gradients * len(images), "purifications": work.purifications * len(images)}
 
@@ -404,7 +404,7 @@ def _stage_order(run: _Run, threats) -> dict:
                 kw = getattr(model, "purify_kwargs", None)
                 gradient = OWN_GRADIENT.get(attack, "exact" if kw is None else kw.get("gradient", "exact"))
                 steps = 1 if kw is None else plan.solver_steps(model)
-                return schedule.stage_cost(attack, gradient, run.settings, run.n_eval, is_randomized(model), steps)
+                return schedule.stage_cost(attack, gradient, run.settings, run.n_eval, is_randomized(model), steps, model)
 
             order[(group, threat)] = schedule.stage_order(rows, run.attacks, cost)
     return order
@@ -468,11 +468,11 @@ def evaluate(models, x, y, *, attacks=("apgd-ce",), threats=("Linf",), eps=None,
                       file=sys.stderr)
             os.makedirs(run.root, exist_ok=True)
             records.atomic_write_text(os.path.join(run.root, "settings.json"), json.dumps(settings_doc))
-            run.store = records.RecordStore(run.root, create=True)
+            run.store = records.RecordStore(run.root, repair=True)
         if world > 1:
             torch.distributed.barrier()  # no rank writes before rank 0 has cleaned up and made the run's key
             if rank != 0:
-                run.store = records.RecordStore(run.root, create=False)
+                run.store = records.RecordStore(run.root, repair=False)
         table = _evaluate(run, threats, batches, diagnostics, progress, rank, world)
         if out_dir is not None and rank == 0:
             table.save(out_dir)

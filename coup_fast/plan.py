@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import AA_VERSIONS, AttackSettings, candidate_count, sample_logits
+from .attacks import AA_VERSIONS, AttackSettings, candidate_count, diffattack, diffhammer, sample_logits
 from .lm import LMConfig
 from .purify import PurifiedClassifier
 from .sde import ReverseGrid
@@ -84,12 +84,23 @@ def evaluation_work(n_candidates: int, n_eval: int, settings: AttackSettings, ra
     return Work.of(PURIFY, n_candidates * runs, _samples(runs, settings))
 
 
-def attack_work(attack: str, settings: AttackSettings, n_eval: int, randomized: bool = True) -> Work:
-    """Upper bound of the work one image costs under `attack` ('clean' included), evaluation included."""
+def attack_work(attack: str, settings: AttackSettings, n_eval: int, randomized: bool = True, model=None) -> Work:
+    """Upper bound of the work one image costs under `attack` ('clean' included), evaluation included.
+
+    model: the defense, where the count depends on it (diffhammer replays its chosen paths in one purification
+    for the SDE purifiers, in up to N for likelihood maximization and the published adjoint; None: one)."""
     if attack == "clean":
         return evaluation_work(1, n_eval, settings, randomized)
     evaluation = evaluation_work(candidate_count(attack, settings), n_eval, settings, randomized)
     s = settings
+    if attack == "diffattack":  # APGD per round: a gradient at the start and one per iteration, EOT draws batched
+        return _eot_gradients(len(diffattack.ROUNDS) * (s.diffattack_iter + 1), s.diffattack_eot, s, randomized) \
+            + evaluation
+    if attack == "diffhammer":  # per APGD call: N paths (a purification and a classifier backward) + the grafting
+        calls = s.diffhammer_restarts * (s.diffhammer_iter + 1)
+        replays = 1 if model is None else diffhammer.replays_per_iteration(model, s.diffhammer_n)
+        return (_eot_gradients(calls, s.diffhammer_n, s, randomized, BPDA) + Work.of(GRADIENT, calls * replays)
+                + evaluation)
     if attack == "apgd-ce":  # APGD: one gradient at the start point and one per iteration, on every image
         return _eot_gradients(s.n_restarts * (s.n_iter + 1), s.apgd_eot, s, randomized) + evaluation
     if attack == "pgd-eot":

@@ -106,7 +106,7 @@ def dry_run(cfg: EvalConfig, models: dict, x, y) -> str:
                                  + (" |" if cifar else ""))
                     continue
                 n_tasks += n_batches
-                add_row(label, threat, attack, plan.attack_work(attack, settings, cfg.n_eval, randomized),
+                add_row(label, threat, attack, plan.attack_work(attack, settings, cfg.n_eval, randomized, model),
                         x.shape[0], model)
             if cfg.diagnostics:
                 checks = ["large-eps"] + (["consistency"] if randomized and first[groups[label]] == label else [])

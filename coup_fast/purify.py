@@ -16,6 +16,7 @@ from .adjoint import MEMORY, check_memory, free_memory  # noqa: F401  (memory=: 
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
 from .lm import LMConfig
 from .networks import EagerNetworks
+from .guidance import image_to_state
 from .solver import LM_MODE, MODES, NoiseStream, NonFiniteCheck, PurifyConfig, pipeline
 
 GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
@@ -224,9 +225,29 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
     return config
 
 
+def check_states(states, config: PurifyConfig, gradient: str) -> tuple:
+    """purify's `states` checked against the run's N steps: a tuple of distinct step indices in 0 .. N, for the
+    SDE modes with a gradient that has intermediate states; raises ValueError naming states otherwise."""
+    n = config.grid.n_steps
+    if isinstance(states, (str, bytes)) or not hasattr(states, "__iter__"):
+        raise ValueError(f"states: expected a sequence of step indices in 0 .. N = {n}, got {states!r}")
+    states = tuple(states)
+    bad = [k for k in states if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= n]
+    if bad or not states:
+        raise ValueError(f"states: expected a non-empty sequence of step indices in 0 .. N = {n}, got {states!r}")
+    if len(set(states)) != len(states):
+        raise ValueError(f"states: each step index once, got {states!r}")
+    if config.mode == LM_MODE:
+        raise ValueError(f"states: the intermediate states are the SDE solve's; mode {LM_MODE!r} has none")
+    if gradient == "adjoint":
+        raise ValueError("states: the published attack (gradient='adjoint') differentiates the final state only; "
+                         "intermediate states take 'exact', 'detached-guidance' or 'bpda'")
+    return tuple(int(k) for k in states)
+
+
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
            gradient="exact", memory="auto", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
-           max_steps=MAX_STEPS, lm=None, rows=None):
+           max_steps=MAX_STEPS, lm=None, rows=None, states=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -271,6 +292,12 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     `width` images, and each draws exactly the noise that row would draw in a call of the whole batch, so an image's
     purification does not depend on which others share its call (an evaluation attacks only the images still
     standing, coup_fast.schedule); it runs on the eager or compile engine.
+    states: step indices k in 0 .. N (SDE modes): then returns (images, states), states the solve's
+    intermediate diffusion states x_k in [-1, 1]-space stacked, (len(states), samples * B, ...): x_0 the
+    solve's start (DiffPure's diffused input), x_N its end (unclamped).  They are differentiable in x:
+    the discrete adjoint adds the gradient a per-step loss sends to x_k at step k, on every memory
+    setting (docs/design.md §3); under 'bpda' each is straight-through from 2x - 1 as the output is.
+    The eager and compile engines run it; the graph engine warns and runs eagerly.
     Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape
     ((samples * B, ...) for samples > 1).
     """
@@ -278,24 +305,42 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
                       noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
                       engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, rows=rows)
     rows = check_rows(rows, x.shape[0], x.device)
+    if states is not None:
+        states = check_states(states, config, gradient)
     if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
         x = x.repeat(samples, *([1] * (x.ndim - 1)))
     engine = engines.select(engine, x, noise, gradient, samples, mode, rows=rows is not None)
-    stream = NoiseStream(x, config, noise, generator, samples=samples, rows=rows)
     eager = engines.ENGINES["eager"]
+    if states is not None and not getattr(engine, "takes_states", False):
+        engines.ENGINES["graph"].warn_once(f"coup_fast: purify(states=...) runs the eager engine instead of "
+                                           f"{engine.name!r}")
+        engine = eager
+    stream = NoiseStream(x, config, noise, generator, samples=samples, rows=rows)
+    extra = {} if states is None else {"states": states}
+    trajectory = []  # purify(states=...): the solve's requested states, kept aside from the pipeline
 
     def solve_state(state):
-        out = engine.solve(state, score_model, classifier, config, stream, gradient, memory)
+        out = engine.solve(state, score_model, classifier, config, stream, gradient, memory, **extra)
         if out is None:  # the graph engine could not capture these models
-            out = eager.solve(state, score_model, classifier, config, stream, gradient, memory)
+            out = eager.solve(state, score_model, classifier, config, stream, gradient, memory, **extra)
+        if states is not None:
+            out, kept = out
+            trajectory.append(kept)
         return out
 
     check = NonFiniteCheck(EagerNetworks(score_model, classifier), config, stream) if check_finite else None
-    return pipeline(x, config, stream, solve_state, gradient, check)
+    images = pipeline(x, config, stream, solve_state, gradient, check)
+    if states is None:
+        return images
+    kept = trajectory[0]
+    if gradient == "bpda":  # straight-through from the image's state, as the pipeline makes the output
+        start = image_to_state(x)
+        kept = start + (kept - start).detach()
+    return images, kept
 
 
-# purify's keyword arguments, which PurifiedClassifier takes too
-PURIFY_KWARGS = tuple(inspect.signature(purify).parameters)[3:]
+# purify's keyword arguments, which PurifiedClassifier takes too (not `states`: it changes what a call returns)
+PURIFY_KWARGS = tuple(p for p in tuple(inspect.signature(purify).parameters)[3:] if p != "states")
 
 
 class PurifiedClassifier(nn.Module):
@@ -318,8 +363,10 @@ class PurifiedClassifier(nn.Module):
         self.score_model, self.classifier = score_model, classifier
         self.purify_kwargs = purify_kwargs
 
-    def purify(self, x, samples: int = 1):
-        return purify(x, self.score_model, self.classifier, **{**self.purify_kwargs, "samples": samples})
+    def purify(self, x, samples: int = 1, states=None):
+        """purify(x) with this module's settings; `samples` and `states` as purify takes them."""
+        return purify(x, self.score_model, self.classifier, **{**self.purify_kwargs, "samples": samples},
+                      states=states)
 
     def forward(self, x):
         return self.classifier(self.purify(x))

@@ -157,26 +157,30 @@ class RecordStore:
 
     `read(path, check)` returns the record at path, or None when there is none or it is bad (then it is reported
     and set aside); check(record) raises ValueError for a record whose content disagrees with what the caller
-    expects.  `write(path, record)` signs and writes atomically.  create=True (the rank that prepares the run)
-    creates the key if the run has none; other ranks read it after a barrier."""
+    expects.  `write(path, record)` signs and writes atomically.  The run's key is created by whichever rank comes
+    first (O_EXCL: one key) and read by the others; repair=True (one rank: the one that prepares the run) replaces
+    a damaged key."""
 
     MAC = "mac"
 
-    def __init__(self, root: str, create: bool):
+    def __init__(self, root: str, repair: bool = True):
         self.root = root
-        self._key = self._load_key(os.path.join(root, KEY_NAME), create)
+        self._key = self._load_key(os.path.join(root, KEY_NAME), repair)
 
     @staticmethod
-    def _load_key(key_path: str, create: bool) -> bytes:
+    def _load_key(key_path: str, repair: bool) -> bytes:
         for attempt in range(2):
-            if create:
-                os.makedirs(os.path.dirname(key_path), exist_ok=True)
-                try:
-                    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        f.write(secrets.token_hex(32))
-                except FileExistsError:
-                    pass
+            os.makedirs(os.path.dirname(key_path), exist_ok=True)
+            try:  # written to a temporary name and linked into place: a reader never sees half a key
+                tmp = f"{key_path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.write(secrets.token_hex(32))
+                os.link(tmp, key_path)
+            except FileExistsError:
+                pass
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             try:
                 with open(key_path) as f:
                     key = f.read(129).strip()
@@ -184,7 +188,7 @@ class RecordStore:
                 raise ValueError(f"{key_path}: cannot read the run's record key ({e})") from None
             if re.fullmatch(r"[0-9a-f]{64}", key):
                 return bytes.fromhex(key)
-            if not create or attempt:
+            if not repair or attempt:
                 raise ValueError(f"{key_path}: not a record key; rerun so that the first rank recreates it")
             # a damaged key makes every record unverifiable: set it aside and make a new one (records get recomputed)
             print(f"{key_path}: damaged record key, moved to {set_aside(key_path)}; this run's records will be "

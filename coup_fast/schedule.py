@@ -66,9 +66,9 @@ class Chain:
     stages: tuple  # Tasks of kind 'attack'
 
 
-def stage_cost(attack: str, gradient: str, settings, n_eval: int, randomized: bool, n_steps: int) -> float:
+def stage_cost(attack: str, gradient: str, settings, n_eval: int, randomized: bool, n_steps: int, model=None) -> float:
     """Relative cost per image of one stage: its planned calls (evaluation included) x steps x RELATIVE_STEP_COST."""
-    work = plan.attack_work(attack, settings, n_eval, randomized)
+    work = plan.attack_work(attack, settings, n_eval, randomized, model)
     total = 0.0
     for (kind, _), count in work.calls:
         kind = gradient if kind == plan.GRADIENT else kind

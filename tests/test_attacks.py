@@ -18,7 +18,10 @@ from coup_fast.lm import LMConfig, index_eps_model
 from problems import neural_problem
 
 SMALL = AttackSettings(n_iter=3, eot=2, fab_iter=3, square_queries=10, n_target_classes=2, pgd_iter=3, pgd_eot=2,
-                       bpda_iter=3, bpda_eot=2)
+                       bpda_iter=3, bpda_eot=2, diffattack_iter=3, diffattack_eot=2, diffhammer_iter=3, diffhammer_n=3)
+CANDIDATES = {"aa": {"standard", "rand"}, "apgd-ce": {"adv", "max-loss"}, "pgd-eot": {"final", "best"},
+              "bpda-eot": {"final", "best"}, "diffattack": {"ce-best", "ce-max-loss", "dlr-best", "dlr-max-loss"},
+              "diffhammer": {f"{loss}-{kind}" for loss in ("margin", "ce", "dlr") for kind in ("best", "max-loss")}}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -171,8 +174,7 @@ def test_every_attack_runs_and_respects_the_threat_model(name):
     torch.manual_seed(0)
     advs = run_attack(name, model, x, y, norm="Linf", eps=0.05, seed=1, settings=SMALL)
     assert len(advs) == candidate_count(name, SMALL)
-    assert set(advs) == ({"standard", "rand"} if name == "aa" else {"adv", "max-loss"} if name == "apgd-ce"
-                         else {"final", "best"})
+    assert set(advs) == CANDIDATES[name]
     for a in advs.values():
         assert a.shape == x.shape and (a - x).abs().max() <= 0.05 + 1e-5 and a.min() >= 0 and a.max() <= 1
 
@@ -263,7 +265,7 @@ def test_bpda_default_step_scales_with_eps(monkeypatch, norm, eps):
     import coup_fast.attacks as attacks
 
     seen = {}
-    monkeypatch.setattr(attacks, "pgd_eot_candidates", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(attacks.pgd, "pgd_eot_candidates", lambda *a, **kw: seen.update(kw))
     attacks.run_attack("bpda-eot", None, None, None, norm=norm, eps=eps)
     assert seen["step"] == pytest.approx(0.007 * eps / (8 / 255))
     assert seen["n_iter"] * seen["step"] >= eps
@@ -273,7 +275,7 @@ def test_protocol_step_scales_with_eps(monkeypatch):
     import coup_fast.attacks as attacks
 
     seen = {}
-    monkeypatch.setattr(attacks, "pgd_eot_candidates", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(attacks.pgd, "pgd_eot_candidates", lambda *a, **kw: seen.update(kw))
     settings = AttackSettings(pgd_step_scale=0.007 / (8 / 255), pgd_random_start=False)
     attacks.run_attack("pgd-eot", None, None, None, norm="Linf", eps=16 / 255, settings=settings)
     assert seen["step"] == pytest.approx(0.014) and seen["random_start"] is False

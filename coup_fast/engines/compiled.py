@@ -218,6 +218,7 @@ class CompileEngine:
     """engine='compile': the eager solve and adjoint over CompiledNetworks, one per model pair (cached)."""
 
     name = "compile"
+    takes_states = True  # solve(states=...), as the eager engine (the same adjoint.exact_solve)
 
     def __init__(self, max_size: int = CACHE_SIZE):
         self.max_size = max_size
@@ -238,11 +239,11 @@ class CompileEngine:
         self._cache[key] = (score_model, classifier, nets)
         return nets
 
-    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
+    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean", states=()):
         nets = self.networks(score_model, classifier)
         if gradient == "adjoint":  # the published attack (coup_fast.published) over the compiled calls
             return published_solve(x, nets, config, stream_path(stream, config))
-        return exact_solve(x, nets, config, stream, gradient == "exact", memory)
+        return exact_solve(x, nets, config, stream, gradient == "exact", memory, states)
 
     def clear(self):
         """Forget every compiled function (torch.compile's own caches are torch._dynamo.reset())."""

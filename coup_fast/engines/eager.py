@@ -17,14 +17,16 @@ from ..solver import LM_MODE
 
 class EagerEngine:
     name = "eager"
+    takes_states = True  # solve(states=...): intermediate states as differentiable outputs
 
     def unsupported(self, x, noise=None, gradient="exact", samples=1) -> str | None:
         return None
 
-    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean"):
+    def solve(self, x, score_model, classifier, config, stream, gradient="exact", memory="lean", states=()):
         """x_N from start state x, differentiable in x by the discrete adjoint (lam H included for
         gradient='exact', left out for 'detached-guidance'), or for gradient='adjoint' the published
-        attack's x at t = 1e-5 and its continuous adjoint."""
+        attack's x at t = 1e-5 and its continuous adjoint; with `states`, (x_N, those states x_k)
+        (adjoint.exact_solve; the SDE modes only)."""
         if config.mode == LM_MODE:  # each sample draws its (t, eps) from its own seed, as separate calls would
             grad = "exact" if gradient == "bpda" else gradient  # (the pipeline runs BPDA's forward without grad)
             parts = [lm_solve(part, score_model, classifier, config.lm, seed=seed, gradient=grad, rows=stream.rows)
@@ -33,7 +35,7 @@ class EagerEngine:
         nets = EagerNetworks(score_model, classifier)
         if gradient == "adjoint":
             return published_solve(x, nets, config, stream_path(stream, config))
-        return exact_solve(x, nets, config, stream, gradient == "exact", memory)
+        return exact_solve(x, nets, config, stream, gradient == "exact", memory, states)
 
     def clear(self):
         pass
