@@ -137,7 +137,10 @@ class NoisyToyClassifier(nn.Module):
         p0, p1 = _normal_pdf(x, MEANS[0]), _normal_pdf(x, MEANS[1])
         noise = torch.sin(NOISE_FREQ * x) / NOISE_FREQ
         tiny = max(self.tiny, torch.finfo(x.dtype).eps)
-        return (p1 / (p0 + p1 + self.c * noise)).clamp(tiny, 1.0 - tiny)
+        q = p1 / (p0 + p1 + self.c * noise)
+        # derivative 0 where the clamp is active, bounds included, as _ToyLogit's backward (stated, not torch's pick)
+        inside = (q > tiny) & (q < 1.0 - tiny)
+        return torch.where(inside, q, q.detach().clamp(tiny, 1.0 - tiny))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         x = (2.0 * u - 1.0).reshape(u.shape[0])
