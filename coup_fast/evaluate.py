@@ -96,7 +96,8 @@ class Defense:
     """A defense and the gradient its attacker uses.  name: one of DEFENSES.
 
     lm: the likelihood-max settings of 'lm' / 'coup-lm' (coup_fast.lm.LMConfig; its lam is ignored: 'lm' runs
-    without guidance, 'coup-lm' with `lam`).  t_star, dt and diffusion apply to the SDE defenses only.
+    without guidance, 'coup-lm' with `lam`).  t_star, dt and diffusion apply to the SDE defenses only.  clamp:
+    purify's `clamp` (None: the mode's default; DiffPure unclamped, as NVlabs' code runs it).
     """
 
     name: str
@@ -106,6 +107,7 @@ class Defense:
     gradient: str = "exact"
     diffusion: str = "ddpm"  # DiffPure's forward marginal (purify's `diffusion`)
     lm: LMConfig = LMConfig()
+    clamp: bool | None = None  # the purified image clamped to [0, 1] (purify's clamp; None: the mode's default)
 
     @property
     def label(self) -> str:
@@ -141,10 +143,10 @@ def build_defense(defense: Defense, score_model, classifier, engine: str = "auto
     if defense.name in LM_DEFENSES:
         eps_model = index_eps_model(score_model) if eps_model is None else eps_model
         return PurifiedClassifier(eps_model, classifier, mode=LM_MODE, lam=defense.lam if defense.name == "coup-lm" else 0.0,
-                                  gradient=defense.gradient, engine=engine, lm=defense.lm)
+                                  gradient=defense.gradient, engine=engine, lm=defense.lm, clamp=defense.clamp)
     return PurifiedClassifier(score_model, classifier, t_star=defense.t_star, lam=defense.lam, dt=defense.dt,
                               mode=MODE[defense.name], gradient=defense.gradient, engine=engine,
-                              diffusion=defense.diffusion)
+                              diffusion=defense.diffusion, clamp=defense.clamp)
 
 
 def solve_steps(model) -> str | None:

@@ -70,7 +70,8 @@ def _check_models(score_model, classifier, x=None):
 
 
 def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact", memory="auto", engine="auto",
-                   diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None):
+                   diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None,
+                   clamp=None):
     """Check purify's settings (everything but the tensors and the models); raise ValueError naming the
     first bad one.  Returns N, the number of steps."""
     if not isinstance(mode, str) or mode not in MODES:
@@ -100,6 +101,8 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
         raise ValueError(f"samples: expected an integer >= 1, got {samples!r}")
     if not isinstance(check_finite, bool):
         raise ValueError(f"check_finite: expected True or False, got {check_finite!r}")
+    if clamp is not None and not isinstance(clamp, bool):
+        raise ValueError(f"clamp: expected None (the mode's default), True or False, got {clamp!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps: expected an integer >= 1, got {max_steps!r}")
     n_steps = ReverseGrid.from_dt(float(t_star), float(dt)).n_steps
@@ -111,7 +114,7 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
 
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
              memory="auto", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
-             max_steps=MAX_STEPS, lm=None) -> PurifyConfig:
+             max_steps=MAX_STEPS, lm=None, clamp=None) -> PurifyConfig:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -133,7 +136,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
             raise ValueError(f"x: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     check_settings(t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient, memory=memory, engine=engine,
                    diffusion=diffusion, generator=generator, samples=samples, check_finite=check_finite,
-                   max_steps=max_steps, lm=lm)
+                   max_steps=max_steps, lm=lm, clamp=clamp)
     _check_models(score_model, classifier, x)
     if mode == LM_MODE and noise is not None:
         raise ValueError(f"noise: mode {LM_MODE!r} draws its (t, eps) from a seed (pass a generator); explicit draws go "
@@ -146,8 +149,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
                          "run purify under torch.no_grad() instead")
     if mode == LM_MODE:  # purify's lam weighs the guidance of the LM objective; the SDE grid is unused
         lm_config = dataclasses.replace(lm or LMConfig(), lam=effective_lam)
-        return PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), 0.0, mode, diffusion, lm_config)
-    config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion)
+        return PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), 0.0, mode, diffusion, lm_config, clamp)
+    config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion, clamp=clamp)
     if abs(config.grid.h - dt) > 0.01 * dt:
         warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {config.grid.n_steps} steps of "
                       f"h = {config.grid.h:.4g}", stacklevel=3)
@@ -174,7 +177,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
            gradient="exact", memory="auto", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
-           max_steps=MAX_STEPS, lm=None):
+           max_steps=MAX_STEPS, lm=None, clamp=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -210,12 +213,16 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     and shape compiles for tens of seconds).  gradient='adjoint' runs in torchsde whatever the engine.
     check_finite: check the purified images (and, in the backward pass, the gradient) once per call and
     raise a ValueError naming the network that produced NaN or Inf (False skips the check).
-    Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape
-    ((samples * B, ...) for samples > 1).
+    clamp: whether the purified image (x_N + 1)/2 is clamped to [0, 1] before it is returned (a pixel exactly on
+    0 or 1 keeps its gradient, one outside gets none); None (default) does what each mode's published code does:
+    'coup', 'reverse' and 'likelihood-max' clamp, 'diffpure' does not (NVlabs' DiffPure hands the classifier the
+    unclamped image; COUP's fork of it clamps: clamp=True).
+    Returns purified images (the final state mapped back to [0, 1] images, clamped as `clamp` says, so DiffPure's
+    may leave [0, 1] by default), x's shape ((samples * B, ...) for samples > 1).
     """
     config = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                       noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
-                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm)
+                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, clamp=clamp)
     if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
         x = x.repeat(samples, *([1] * (x.ndim - 1)))
     engine = engines.select(engine, x, noise, gradient, samples, mode)

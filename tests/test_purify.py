@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from coup_fast import PurifiedClassifier, purify
 from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
 from coup_fast.noise import philox_normal
 from coup_fast.sde import ReverseGrid
-from problems import analytic_problem, neural_problem
+from problems import analytic_problem, neural_problem, out_and_grad
 
 
 @pytest.fixture
@@ -443,8 +445,55 @@ def test_diffpure_diffuses_with_the_chosen_marginal(diffusion):
     else:
         scale, std = coup_fast.sde.vp_alpha(1e-3), coup_fast.sde.vp_sigma(1e-3)
     x_d = scale * (2 * u - 1) + std * eps
-    expected = ((x_d * (1 + 0.5 * ReverseGrid.from_dt(1e-3, 1e-3).beta_dt(0)) + 1) / 2).clamp(0, 1)
+    expected = (x_d * (1 + 0.5 * ReverseGrid.from_dt(1e-3, 1e-3).beta_dt(0)) + 1) / 2  # unclamped, as NVlabs' code
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def _nvlabs_diffpure(u, score, noise, t_star, dt):
+    """NVlabs DiffPure's purified image, written here from its definition (eval_sde_adv.py's SDE_Adv_Model and
+    runners/diffpure_sde.py): x = 2u - 1 diffused with the discrete DDPM alpha_bar at index 1000 t* - 1 and draw
+    noise[0], N Euler-Maruyama steps of the reverse VP SDE with noise[1:], and the classifier fed (x_N + 1) * 0.5
+    with no clamp."""
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[round(1000 * t_star) - 1]
+    x = math.sqrt(abar) * (2 * u - 1) + math.sqrt(1.0 - abar) * noise[0]
+    n = round(t_star / dt)
+    h = t_star / n
+    for k in range(n):
+        t = t_star - k * h
+        beta = 0.1 + t * (20.0 - 0.1)
+        x = x + beta * h * (0.5 * x + score(x, torch.full((x.shape[0],), t, dtype=x.dtype))) + math.sqrt(beta * h) * noise[1 + k]
+    return (x + 1) * 0.5
+
+
+def test_diffpure_hands_the_classifier_the_unclamped_image_as_nvlabs_does():
+    """mode='diffpure' by default: NVlabs DiffPure's (x_N + 1)/2, no clamp, output and gradient (pixels outside
+    [0, 1] keep theirs); clamp=True is COUP's fork: the clamped image, no gradient outside [0, 1]; coup and reverse
+    clamp by default."""
+    score, clf = neural_problem(dtype=torch.float64)
+    u = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round()  # 0 or 1
+    noise = torch.randn(6, *u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = torch.randn(u.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = dict(t_star=0.1, dt=0.02, noise=noise)
+    out, grad = out_and_grad(lambda v: purify(v, score, clf, mode="diffpure", **kw), u, upstream)
+    ref, ref_grad = out_and_grad(lambda v: _nvlabs_diffpure(v, score, noise, 0.1, 0.02), u, upstream)
+    outside = (ref < 0) | (ref > 1)
+    assert 0.1 < outside.double().mean() < 0.9  # the case the clamp changes
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # the clamp's mask zeroes the upstream of the pixels outside [0, 1]: a different gradient
+    _, masked_grad = out_and_grad(lambda v: _nvlabs_diffpure(v, score, noise, 0.1, 0.02), u, upstream * ~outside)
+    assert float((ref_grad - masked_grad).norm() / ref_grad.norm()) > 0.1
+    out_c, grad_c = out_and_grad(lambda v: purify(v, score, clf, mode="diffpure", clamp=True, **kw), u, upstream)
+    torch.testing.assert_close(out_c, ref.clamp(0, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_c, masked_grad, rtol=1e-10, atol=1e-12)
+    for mode in ("coup", "reverse"):  # COUP's code clamps; clamp=False opts out
+        clamped = purify(u, score, clf, mode=mode, t_star=0.1, dt=0.02, noise=noise[1:])
+        raw = purify(u, score, clf, mode=mode, t_star=0.1, dt=0.02, noise=noise[1:], clamp=False)
+        assert torch.equal(clamped, raw.clamp(0, 1)) and not torch.equal(clamped, raw)
+    with pytest.raises(ValueError, match="^clamp:"):
+        purify(u, score, clf, mode="diffpure", clamp=1, **kw)
+    model = coup_fast.PurifiedClassifier(score, clf, mode="diffpure", t_star=0.1, dt=0.02)
+    assert model.purify(u).min() < 0 or model.purify(u).max() > 1
 
 
 def test_diffusion_schedule_is_validated(analytic):
