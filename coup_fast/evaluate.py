@@ -76,8 +76,9 @@ from .solver import LM_MODE
 DEFENSES = ("none", "diffpure", "reverse", "coup", "lm", "coup-lm")
 SDE_DEFENSES = ("diffpure", "reverse", "coup")
 LM_DEFENSES = ("lm", "coup-lm")  # Sec. 5.2.1: likelihood maximization (Chen et al. 2023) without / with guidance
-# What the attacker may differentiate with (purify's `gradient`); 'adjoint' is the published attack.
-ATTACK_GRADIENTS = ("exact", "detached-guidance", "adjoint", "bpda")
+# What the attacker may differentiate with (purify's `gradient`); 'adjoint' is the published attack; 'exact-bf16' the
+# exact gradient with the networks under bf16 autocast (cheaper; its candidates are evaluated in full precision).
+ATTACK_GRADIENTS = ("exact", "detached-guidance", "adjoint", "bpda", "exact-bf16")
 CLEAN = "clean"  # the pseudo-attack of the clean-accuracy column
 ALL = "all attacks"  # the column: per image the worst of the clean image and every attack
 MODE = {"diffpure": "diffpure", "reverse": "reverse", "coup": "coup", "lm": LM_MODE, "coup-lm": LM_MODE}
@@ -128,7 +129,7 @@ class Defense:
             raise ValueError(f"defenses: unknown gradient {gradient!r} in {spec!r}; expected one of {ATTACK_GRADIENTS}")
         if name in LM_DEFENSES and gradient == "adjoint":
             raise ValueError(f"defenses: {spec!r}: 'adjoint' is the published attack on the SDE purifiers; {name} "
-                             "takes exact, detached-guidance or bpda")
+                             "takes exact, detached-guidance, bpda or exact-bf16")
         return Defense(name, gradient=gradient, **settings)
 
 

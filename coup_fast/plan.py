@@ -26,8 +26,10 @@ from .solver import LM_MODE
 # Measured on one NVIDIA H200 (README, commit 3027351): NCSN++ deep + WRN-28-10 at batch 64, N = 10 steps,
 # graph engine with TF32 for purification and the exact gradient, torchsde fp32 for the published adjoint.
 # Seconds per image and per step.
+# 'exact-bf16' is priced as TF32's exact gradient: not measured in bf16 there (an upper bound; bf16 purification ran
+# 1.19x TF32's).
 H200_CIFAR_STEP_SECONDS = {"purify": 1 / (161 * 10), "exact": 1 / (46.4 * 10), "detached-guidance": 1 / (46.4 * 10),
-                           "adjoint": 1 / (8.02 * 10), "bpda": 1 / (161 * 10)}
+                           "adjoint": 1 / (8.02 * 10), "bpda": 1 / (161 * 10), "exact-bf16": 1 / (46.4 * 10)}
 PURIFY, GRADIENT, BPDA = "purify", "gradient", "bpda"  # GRADIENT: the row's own attacker gradient
 
 

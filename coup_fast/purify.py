@@ -16,9 +16,14 @@ from .adjoint import MEMORY, check_memory  # noqa: F401  (memory=: "auto", "lean
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
 from .lm import LMConfig
 from .networks import EagerNetworks
+from .precision import Precision, PrecisionNet
 from .solver import LM_MODE, MODES, NoiseStream, NonFiniteCheck, PurifyConfig, pipeline
 
-GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
+GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance", "exact-bf16")
+# Attacker gradients in lower precision (issue 24): 'exact' whose backward-carrying forward and adjoint run the
+# networks under this precision knob, while a call without gradient (the evaluation of candidates) purifies in
+# the networks' own precision.  NCHW: channels_last did not pay on the digits models on a CPU (README).
+LOW_PRECISION_GRADIENTS = {"exact-bf16": Precision("bf16")}
 RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
 
 
@@ -193,6 +198,9 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     samples: K independent purifications of x in one batched call, returning (K * B, ...) images,
     sample r in rows r B .. (r + 1) B - 1 with the r-th seed drawn: exactly the draws of K
     sequential calls with the same generator (EOT in one batch).  gradient: 'exact' (discrete adjoint),
+    'exact-bf16' (the same adjoint, with the forward that carries it and the adjoint running the networks under
+    bf16 autocast: a cheaper, approximate attacker gradient; a call without gradient, e.g. under no_grad,
+    purifies in the networks' own precision, bit for bit as 'exact' does),
     'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
     sdeint_adjoint, Euler, dt, BrownianInterval, path from t* to 1e-5, guidance detached; not an exact
     gradient; coup_fast.reference.solve_published), 'bpda' (straight-through), 'detached-guidance'
@@ -223,6 +231,11 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     config = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                       noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
                       engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, clamp=clamp)
+    if gradient in LOW_PRECISION_GRADIENTS:  # the attacker's networks only where a gradient is taken
+        if torch.is_grad_enabled() and x.requires_grad:
+            precision = LOW_PRECISION_GRADIENTS[gradient]
+            score_model, classifier = (attacker_network(net, precision) for net in (score_model, classifier))
+        gradient = "exact"
     if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
         x = x.repeat(samples, *([1] * (x.ndim - 1)))
     engine = engines.select(engine, x, noise, gradient, samples, mode)
@@ -237,6 +250,29 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
 
     check = NonFiniteCheck(EagerNetworks(score_model, classifier), config, stream) if check_finite else None
     return pipeline(x, config, stream, solve_state, gradient, check)
+
+
+_WRAPPERS = "_coup_fast_attacker_networks"  # where a network keeps its wrappers: {precision: PrecisionNet}
+
+
+def attacker_network(net, precision: Precision):
+    """`net` run under `precision` (a PrecisionNet: fp32 in and out, the network's own weights, not a copy).
+
+    The same wrapper on every call, kept on the network itself (not in a module-level table, which would keep
+    every network alive), so that the engines' caches keyed by the networks (CUDA graphs, compiled functions)
+    hold.  None stays None."""
+    if net is None:
+        return None
+    wrappers = getattr(net, _WRAPPERS, None)
+    if wrappers is None:
+        wrappers = {}
+        try:  # object's setattr: an nn.Module would register it as state
+            object.__setattr__(net, _WRAPPERS, wrappers)
+        except (AttributeError, TypeError):  # no instance dict: a fresh wrapper each call
+            return PrecisionNet(net, precision)
+    if precision not in wrappers:
+        wrappers[precision] = PrecisionNet(net, precision)
+    return wrappers[precision]
 
 
 # purify's keyword arguments, which PurifiedClassifier takes too
