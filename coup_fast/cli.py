@@ -523,7 +523,8 @@ def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None, sde_e
             if d.name == "none":
                 what = {"name": "none"}
             elif d.name in LM_DEFENSES:
-                what = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("t_star", "dt", "diffusion", "clamp")}
+                unused = ("t_star", "dt", "diffusion", "clamp")
+                what = {k: v for k, v in dataclasses.asdict(d).items() if k not in unused}
                 what["lam"] = d.lam if d.name == "coup-lm" else 0.0
             else:
                 what = {k: v for k, v in dataclasses.asdict(d).items() if k != "lm" and (k != "clamp" or v is not None)}

@@ -462,7 +462,8 @@ def _nvlabs_diffpure(u, score, noise, t_star, dt):
     for k in range(n):
         t = t_star - k * h
         beta = 0.1 + t * (20.0 - 0.1)
-        x = x + beta * h * (0.5 * x + score(x, torch.full((x.shape[0],), t, dtype=x.dtype))) + math.sqrt(beta * h) * noise[1 + k]
+        score_k = score(x, torch.full((x.shape[0],), t, dtype=x.dtype))
+        x = x + beta * h * (0.5 * x + score_k) + math.sqrt(beta * h) * noise[1 + k]
     return (x + 1) * 0.5
 
 

@@ -203,7 +203,8 @@ def run_sweep_cmd(a) -> int:
     pct = lambda row, key, lo, hi: f"{100 * row[key]:5.1f} [{100 * row[lo]:.1f}, {100 * row[hi]:.1f}]"  # noqa: E731
     for row in r["rows"]:
         where = f"M={row['lm_steps']:<3d}" if "lm_steps" in row else f"t*={row['t_star']:<6g}"
-        print(f"{row['axis']:>8}  {where} lam={row['lam']:<5g} clean Avg {pct(row, 'clean_acc', 'clean_lo', 'clean_hi')}"
+        print(f"{row['axis']:>8}  {where} lam={row['lam']:<5g} "
+              f"clean Avg {pct(row, 'clean_acc', 'clean_lo', 'clean_hi')}"
               f"  robust Avg {pct(row, 'robust_acc', 'robust_lo', 'robust_hi')}"
               f"  Worst-of-R {pct(row, 'robust_worst', 'robust_worst_lo', 'robust_worst_hi')}")
     print(f"(%, 95 % intervals over images) wrote {a.out}/sweep.csv, sweep.json, sweep.png ({r['seconds']:.1f} s)")
@@ -222,8 +223,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS,
                    help=f"Monte-Carlo paths per cell (default {toy.N_PATHS:,})")
     p.add_argument("--c", type=_list_of(WEIGHT), default=toy.C_GRID,
-                   help=f"noise weights c of the classifier p(y=1|x) = p1 / (p0 + p1 + c sin(100 x)/100), comma list in "
-                        f"[0, {MAX_WEIGHT:g}] (default {','.join(f'{v:g}' for v in toy.C_GRID)})")
+                   help=f"noise weights c of the classifier p(y=1|x) = p1 / (p0 + p1 + c sin(100 x)/100), comma "
+                        f"list in [0, {MAX_WEIGHT:g}] (default {','.join(f'{v:g}' for v in toy.C_GRID)})")
     p.add_argument("--lam", type=_list_of(WEIGHT), default=toy.LAM_GRID,
                    help=f"guidance weights, comma list in [0, {MAX_WEIGHT:g}] (default "
                         f"{','.join(f'{v:g}' for v in toy.LAM_GRID)})")
@@ -255,7 +256,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"t* values, lam fixed at --lam (default: digits {grid(sweep.PRESETS['digits']['t_grid'])}; "
                         f"CIFAR {grid(sweep.PRESETS['cifar10']['t_grid'])})")
     p.add_argument("--lam-grid", type=_list_of(WEIGHT), default=None,
-                   help=f"lam values, t* fixed at --t-star (default: digits {grid(sweep.PRESETS['digits']['lam_grid'])}; "
+                   help=f"lam values, t* fixed at --t-star (default: digits "
+                        f"{grid(sweep.PRESETS['digits']['lam_grid'])}; "
                         f"CIFAR {grid(sweep.PRESETS['cifar10']['lam_grid'])})")
     p.add_argument("--t-star", type=T_STAR, default=0.1, help="t* of the lam axis (default 0.1)")
     p.add_argument("--lam", type=WEIGHT, default=1.0, help="lam of the t* axis (default 1)")
@@ -266,8 +268,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"EOT draws per APGD-CE gradient (default {sweep.SweepConfig.eot}; AutoAttack-rand uses 20)")
     p.add_argument("--attacks", type=_names(ATTACKS), default=None,
                    help=f"comma list of attacks from {ATTACKS}: robust accuracy is per image the worst over the clean "
-                        f"image and these, as coup-fast eval's worst case (default {','.join(sweep.SweepConfig.attacks)}"
-                        ", or the protocol's; the digits eval runs apgd-ce,aa-rand,pgd-eot)")
+                        f"image and these, as coup-fast eval's worst case (default "
+                        f"{','.join(sweep.SweepConfig.attacks)}, or the protocol's; the digits eval runs "
+                        "apgd-ce,aa-rand,pgd-eot)")
     p.add_argument("--protocol", type=_names(tuple(PROTOCOLS)), default=None,
                    help=f"comma list of the literature's attack budgets {tuple(PROTOCOLS)} (coup_fast.protocols, as "
                         "coup-fast eval --protocol; flags win; default none)")

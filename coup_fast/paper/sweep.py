@@ -313,9 +313,10 @@ def run_sweep(cfg: SweepConfig, out_dir: str | None = "results/paper", *, proble
         rows.append({"axis": axis, **done[first, lam]})
     attack = {"description": cfg.attack_description(), "attacks": list(cfg.attacks), "gradient": cfg.gradient,
               "protocol": list(cfg.protocol), "settings": asdict(cfg.attack_settings()),
-              "robust": "per image the worst over the clean image and every attack's kept candidate (coup-fast eval's "
-                        "'all attacks'); Avg: mean over images of the fraction of R purifications correct, 95 % "
-                        "Korn-Graubard interval; Worst-of-R: fraction of images with all R correct, 95 % Wilson interval"}
+              "robust": "per image the worst over the clean image and every attack's kept candidate (coup-fast "
+                        "eval's 'all attacks'); Avg: mean over images of the fraction of R purifications correct, "
+                        "95 % Korn-Graubard interval; Worst-of-R: fraction of images with all R correct, 95 % Wilson "
+                        "interval"}
     result = {"config": asdict(cfg), "attack": attack, "rows": rows, "seconds": time.perf_counter() - start}
     if out_dir is not None:
         write_sweep(result, out_dir)
