@@ -19,6 +19,8 @@ COUP, lam = 1, t* = 0.1, dt = 1e-3 (N = 100 guided Euler-Maruyama steps), the sh
   default memory budget), channels_last networks (fp32: only the rounding changes); on CUDA the graph
   engine with TF32.
 - bf16: the defaults with bf16-autocast networks (a precision knob: its error is reported).
+- exact-bf16: the defaults with gradient='exact-bf16', the attacker's gradient with the networks under bf16
+  autocast while calls without gradient (the evaluation) stay fp32 (issue 24).
 
 Workloads:
 - (a) one exact input gradient of the cross-entropy of classifier(purify(x)), B in {1, 32, 256}:
@@ -63,11 +65,12 @@ from coup_fast.precision import Precision, precision_context, prepare
 from coup_fast.reference import purify_published
 from coup_fast.sde import BETA_MAX, BETA_MIN
 
-METHODS = ("unrolled", "diffpure", "defaults", "lean", "best", "bf16")
+METHODS = ("unrolled", "diffpure", "defaults", "lean", "best", "bf16", "exact-bf16")
 QUICK_METHODS = ("unrolled", "diffpure", "defaults", "lean")
 # workload (b): the EOT modes each method's PGD-EOT runs in ('lean' and 'bf16' are (a)-only rows)
 PGD_EOT = {"unrolled": ("sequential", "batched"), "diffpure": ("sequential",),
-           "defaults": ("sequential", "batched", "attacks.pgd_eot"), "best": ("batched",)}
+           "defaults": ("sequential", "batched", "attacks.pgd_eot"), "best": ("batched",),
+           "exact-bf16": ("batched",)}
 WORKLOADS = ("a", "b", "floor")
 # the compiled engine's step graphs kept within the default budget ('fast' before memory budgets existed)
 BEST_MEMORY = "auto" if "auto" in getattr(coup_fast.adjoint, "MEMORY", ()) else "fast"
@@ -186,6 +189,8 @@ def build(method: str, score, clf, args, generator=None):
     if method == "bf16":
         knob = Precision("bf16")
         return PurifiedClassifier(prepare(score, knob), prepare(clf, knob), **kw), None
+    if method == "exact-bf16":
+        return PurifiedClassifier(score, clf, gradient="exact-bf16", **kw), None
     if method == "best":
         if args.device.type == "cuda":
             return PurifiedClassifier(score, clf, **kw), Precision("tf32")

@@ -16,6 +16,8 @@ for coup_fast, torchsde's continuous adjoint for the reference).  FLOPs are matm
 the networks, counted once per model with torch.utils.flop_counter.FlopCounterMode; %peak divides the
 achieved rate of those useful FLOPs by the device's dense peak for the row's arithmetic.  A second
 table gives the error each knob and engine introduces against the fp32 eager engine, same noise.
+MiB: peak memory of a row's calls, on CUDA only (torch's allocator); None on a CPU, where one process's
+resident set depends on the rows run before (see `measure`).
 """
 from __future__ import annotations
 
@@ -30,9 +32,6 @@ import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: the shared harness beside it
-import _harness  # noqa: E402
 
 import coup_fast
 from coup_fast import clear_caches, purify
@@ -155,15 +154,16 @@ class _RegistryFlops(TorchDispatchMode):
 def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True) -> dict:
     """Run fn once (warm-up: captures, autotuning) then up to `repeat` timed calls; median seconds, peak MiB.
 
-    A warm-up slower than `budget_s` is itself the measurement when `reuse_warmup` (slow reference rows)."""
+    A warm-up slower than `budget_s` is itself the measurement when `reuse_warmup` (slow reference rows).
+    Peak MiB on CUDA only (torch's allocator counts what each row allocates); on a CPU it is None: one process's
+    resident set reuses the pages earlier rows freed, so a row's growth would depend on the rows before it
+    (bench_cpu_purify and bench_attacks measure single calls' CPU peaks)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        rss_before = _harness.reset_peak_rss()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
@@ -176,10 +176,7 @@ def measure(fn, device, repeat: int, budget_s: float, reuse_warmup: bool = True)
             fn()
             sync()
             times.append(time.perf_counter() - start)
-    if cuda:
-        mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        mib = None if rss_before is None else (_harness.peak_rss_bytes() - rss_before) / 2**20
+    mib = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     notes = sorted({str(w.message).split(";")[0] for w in caught if "coup_fast" in str(w.message)})
     if times == [warm] and reuse_warmup and warm > budget_s:
         notes.append("one call, incl. warm-up")
@@ -341,8 +338,9 @@ def run_benchmark(args) -> dict:
                    "threads": torch.get_num_threads()},
         "memory_measure": ("torch.cuda.max_memory_allocated minus allocated before the run (MiB)"
                            if device.type == "cuda"
-                           else "peak resident set during the run minus the resident set before it, the kernel's "
-                                "peak mark reset first (/proc/self/clear_refs; MiB; None where it cannot be reset)"),
+                           else "not measured on a CPU: a process's resident set reuses the pages earlier rows "
+                                "freed, so per-row peaks depend on the row order (bench_cpu_purify and bench_attacks "
+                                "measure single calls' peaks)"),
         "flops": flops, "peak_tflops": peak, "results": [], "errors": [],
     }
     rows = providers(args, score, clf, device)

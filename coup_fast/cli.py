@@ -158,16 +158,20 @@ def build_models(cfg: EvalConfig, score_model, classifier, eps_model=None, sde_e
         for threat in cfg.threats:
             d = Defense.parse(spec, t_star=t_star[threat], lam=cfg.lam, dt=cfg.dt, gradient=cfg.gradient,
                               diffusion=cfg.diffusion, lm=cfg.lm_config())
+            if d.name == "diffpure":  # clamped or not (NVlabs' default); the other defenses clamp as their code does
+                d = dataclasses.replace(d, clamp=cfg.diffpure_clamp)
             engine = sde_engine if sde_engine is not None and d.name in SDE_DEFENSES else cfg.engine
             per_threat[threat] = build_defense(d, score_model, classifier, engine=engine, eps_model=eps_model)
-            # What each model depends on: the bare classifier on nothing of these, LM not on t*, dt, diffusion.
+            # What each model depends on: the bare classifier on nothing of these, LM not on t*, dt, diffusion;
+            # clamp only where set (diffpure), so the other rows keep their resume folders.
             if d.name == "none":
                 what = {"name": "none"}
             elif d.name in LM_DEFENSES:
-                what = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("t_star", "dt", "diffusion")}
+                unused = ("t_star", "dt", "diffusion", "clamp")
+                what = {k: v for k, v in dataclasses.asdict(d).items() if k not in unused}
                 what["lam"] = d.lam if d.name == "coup-lm" else 0.0
             else:
-                what = {k: v for k, v in dataclasses.asdict(d).items() if k != "lm"}
+                what = {k: v for k, v in dataclasses.asdict(d).items() if k != "lm" and (k != "clamp" or v is not None)}
             specs.setdefault(d.label, {})[threat] = what
         models[d.label] = per_threat
     return models, specs

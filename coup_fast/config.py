@@ -19,6 +19,7 @@ from .evaluate import ATTACK_GRADIENTS, DEFENSES, LM_DEFENSES, OUTPUT_FILES, SDE
 from .lm import RULES as LM_RULES
 from .lm import LMConfig
 from .paper import check_out_dir
+from .protocols import PROTOCOLS
 from .purify import MAX_STEPS
 from .schedule import SCHEDULES
 from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
@@ -68,25 +69,7 @@ PRESETS = {
 }
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
-# Attack budgets of the literature, applied in the order given (--protocol a,b: b wins where both set a value),
-# over the data set's preset; flags and config values win over both.  Steps are relative to eps (scaled with it).
-PROTOCOLS = {
-    "lee-kim": ("Lee & Kim 2023, 'Robust evaluation of diffusion-based adversarial purification' (ICCV): PGD-EOT "
-                "200 iterations x EOT 20 through the full (exact) gradient, step 0.007 at L-inf 8/255",
-                dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=20, pgd_step_scale=0.007 / (8 / 255),
-                     pgd_random_start=True)),
-    "rdc": ("Chen et al. 2024, 'Robust classification via a single diffusion model' (RDC, ICML): BIM (PGD from the "
-            "clean image, Kurakin et al. 2017) 200 iterations x EOT 32 through the exact gradient; step 1/255 at "
-            "8/255 (Kurakin et al.'s; RDC states iterations and EOT)",
-            dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=32, pgd_step_scale=1 / 8, pgd_random_start=False)),
-    "diffhammer-n10": ("Wang et al. 2024, 'DiffHammer: rethinking the robustness of diffusion-based adversarial "
-                       "purification' (NeurIPS): N = 10 resubmissions, Avg and Worst-of-N robustness (R = 10)",
-                       dict(n_eval=10)),
-    "paper": ("arXiv 2408.05900 (COUP), Sec. 5.1-5.2: AutoAttack standard and rand (EOT 20), worse of the two per "
-              "image; BPDA+EOT PGD-20, step 0.007 at L-inf 8/255",
-              dict(attacks=["aa", "bpda-eot"], n_iter=100, eot=20, fab_iter=100, square_queries=5000, bpda_iter=20,
-                   bpda_eot=20)),
-}
+# Attack budgets of the literature (--protocol): coup_fast.protocols, shared with `coup-fast paper sweep`.
 
 
 def flag(name: str) -> str:
@@ -158,6 +141,9 @@ class EvalConfig:
                                       f"{MAX_STEPS:,} (paper: 1e-3; unused by lm / coup-lm)")
     diffusion: str = _setting("ddpm", "DiffPure's forward diffusion: 'ddpm' (its code's discrete schedule; t* on its "
                                       "1/1000 grid) or 'vp' (the continuous marginal)")
+    diffpure_clamp: bool = _setting(False, "clamp DiffPure's purified image to [0, 1] before the classifier, as COUP's "
+                                           "fork of its code does (off: the image (x + 1)/2 unclamped, as NVlabs' "
+                                           "DiffPure runs it; coup, reverse, lm and coup-lm always clamp)")
     lm_steps: int = _setting(5, f"lm / coup-lm: M, the likelihood-maximization steps, at most {MAX_LM_STEPS:,} (Chen "
                                 "et al. 2023: 5)")
     lm_lr: float = _setting(0.1, "lm / coup-lm: learning rate of the LM steps (Chen et al.: 0.1)")

@@ -73,8 +73,9 @@ from .table import ALL, CHECKS, CLEAN, OUTPUT_FILES, Table, Verdicts, kept_verdi
 DEFENSES = ("none", "diffpure", "reverse", "coup", "lm", "coup-lm")
 SDE_DEFENSES = ("diffpure", "reverse", "coup")
 LM_DEFENSES = ("lm", "coup-lm")  # Sec. 5.2.1: likelihood maximization (Chen et al. 2023) without / with guidance
-# What the attacker may differentiate with (purify's `gradient`); 'adjoint' is the published attack.
-ATTACK_GRADIENTS = ("exact", "detached-guidance", "adjoint", "bpda")
+# What the attacker may differentiate with (purify's `gradient`); 'adjoint' is the published attack; 'exact-bf16' the
+# exact gradient with the networks under bf16 autocast (cheaper; its candidates are evaluated in full precision).
+ATTACK_GRADIENTS = ("exact", "detached-guidance", "adjoint", "bpda", "exact-bf16")
 MODE = {"diffpure": "diffpure", "reverse": "reverse", "coup": "coup", "lm": LM_MODE, "coup-lm": LM_MODE}
 DIAG_ITER = checks.DIAG_ITER
 RECORD_VERSION = 3    # the record layout (the stage's images, candidates, R x m verdicts, signature); in the hash
@@ -86,7 +87,8 @@ class Defense:
     """A defense and the gradient its attacker uses.  name: one of DEFENSES.
 
     lm: the likelihood-max settings of 'lm' / 'coup-lm' (coup_fast.lm.LMConfig; its lam is ignored: 'lm' runs
-    without guidance, 'coup-lm' with `lam`).  t_star, dt and diffusion apply to the SDE defenses only.
+    without guidance, 'coup-lm' with `lam`).  t_star, dt and diffusion apply to the SDE defenses only.  clamp:
+    purify's `clamp` (None: the mode's default; DiffPure unclamped, as NVlabs' code runs it).
     """
 
     name: str
@@ -96,6 +98,7 @@ class Defense:
     gradient: str = "exact"
     diffusion: str = "ddpm"  # DiffPure's forward marginal (purify's `diffusion`)
     lm: LMConfig = LMConfig()
+    clamp: bool | None = None  # the purified image clamped to [0, 1] (purify's clamp; None: the mode's default)
 
     @property
     def label(self) -> str:
@@ -116,7 +119,7 @@ class Defense:
             raise ValueError(f"defenses: unknown gradient {gradient!r} in {spec!r}; expected one of {ATTACK_GRADIENTS}")
         if name in LM_DEFENSES and gradient == "adjoint":
             raise ValueError(f"defenses: {spec!r}: 'adjoint' is the published attack on the SDE purifiers; {name} "
-                             "takes exact, detached-guidance or bpda")
+                             "takes exact, detached-guidance, bpda or exact-bf16")
         return Defense(name, gradient=gradient, **settings)
 
 
@@ -131,10 +134,10 @@ def build_defense(defense: Defense, score_model, classifier, engine: str = "auto
     if defense.name in LM_DEFENSES:
         eps_model = index_eps_model(score_model) if eps_model is None else eps_model
         return PurifiedClassifier(eps_model, classifier, mode=LM_MODE, lam=defense.lam if defense.name == "coup-lm" else 0.0,
-                                  gradient=defense.gradient, engine=engine, lm=defense.lm)
+                                  gradient=defense.gradient, engine=engine, lm=defense.lm, clamp=defense.clamp)
     return PurifiedClassifier(score_model, classifier, t_star=defense.t_star, lam=defense.lam, dt=defense.dt,
                               mode=MODE[defense.name], gradient=defense.gradient, engine=engine,
-                              diffusion=defense.diffusion)
+                              diffusion=defense.diffusion, clamp=defense.clamp)
 
 
 def solve_steps(model) -> str | None:

@@ -82,8 +82,10 @@ The gradient with respect to the input x_0 (`lm_solve(gradient=...)`):
   M saved states (3 tensors a step for Adam, 2 otherwise) plus one step's graph at a time.
 - 'detached-guidance': the same adjoint with the guidance a constant (no lam H term), as for the SDE.
 - 'bpda': straight-through (identity Jacobian).
-  Kinks, where the derivative is the one autograd takes: the projections use their inside branch on the
-  boundary (L2: identity at ||x - x_0|| = r; L-inf and the [-1, 1] clamp: torch.clamp's inclusive pass-through);
+  Kinks, where the derivative is chosen explicitly (coup_fast.kinks, docs/design.md §11), never left to the torch
+  version: the projections use their inside branch on the boundary (L2: identity at ||x - x_0|| = r; L-inf and the
+  [-1, 1] clamp: the inclusive pass-through, derivative 1 for an iterate exactly on a face, as torch <= 2.13's
+  clamp gave it);
   sqrt(v_hat) has derivative 0 at v = 0 (only where every gradient so far was exactly 0; Adam's eps keeps the
   step finite); sign() has derivative 0 everywhere, so with rule='sign' the exact gradient has no network
   term at all: it is the product of the projections' Jacobians (the identity inside the ball); the guidance's
@@ -99,6 +101,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import kinks
 from .guidance import classifier_logits, confidence_grad, log_max_softmax
 from .noise import draw_seed, philox_4x32, philox_normal
 from .score import EpsilonScore
@@ -365,12 +368,12 @@ def project(x, x0, config: LMConfig):
     """Onto the ball of `radius` around x0, per image (+ the clamp to [-1, 1] if config.clamp)."""
     d, r = x - x0, config.radius
     if config.ball == "linf":
-        x = x0 + d.clamp(-r, r)
+        x = x0 + kinks.clamp(d, -r, r)  # a face of the ball (|d| = r) passes d through
     else:
         norm = _image_norm(d, 2)
-        # inside branch (identity) on the boundary; the clamp keeps the unused branch finite at norm = 0
-        x = x0 + d * torch.where(norm > r, r / norm.clamp(min=r), torch.ones_like(norm))
-    return x.clamp(-1.0, 1.0) if config.clamp else x
+        # inside branch (identity) on the boundary; the floor keeps the unused branch finite at norm = 0
+        x = x0 + d * torch.where(norm > r, r / kinks.clamp(norm, lo=r), torch.ones_like(norm))
+    return kinks.clamp(x, -1.0, 1.0) if config.clamp else x
 
 
 def update(x, state: tuple, g, k: int, x0, config: LMConfig):
@@ -385,7 +388,7 @@ def update(x, state: tuple, g, k: int, x0, config: LMConfig):
         p = 1 if config.rule == "sign" else 2
         tiny = torch.finfo(g.dtype).tiny
         (m,) = state
-        m = config.momentum * m + g / _image_norm(g, p).clamp(min=tiny)
+        m = config.momentum * m + g / kinks.clamp(_image_norm(g, p), lo=tiny)
         step = m.sign() if config.rule == "sign" else m
         state = (m,)
     return project(x - config.lr * step, x0, config), state

@@ -35,8 +35,10 @@ from .solver import LM_MODE
 # backward (lam H a).  So it is priced at the exact gradient's measured rate, an upper bound until
 # `gpu_session.sh published` measures it.  (The cifar10 preset's dry run: 5.55e3 H200-hours with torchsde's rate,
 # 2.44e3 with this one.)
+# 'exact-bf16' is priced as TF32's exact gradient: not measured in bf16 there (an upper bound; bf16 purification ran
+# 1.19x TF32's).
 H200_CIFAR_STEP_SECONDS = {"purify": 1 / (161 * 10), "exact": 1 / (46.4 * 10), "detached-guidance": 1 / (46.4 * 10),
-                           "adjoint": 1 / (46.4 * 10), "bpda": 1 / (161 * 10)}
+                           "adjoint": 1 / (46.4 * 10), "bpda": 1 / (161 * 10), "exact-bf16": 1 / (46.4 * 10)}
 PURIFY, GRADIENT, BPDA = "purify", "gradient", "bpda"  # GRADIENT: the row's own attacker gradient
 
 

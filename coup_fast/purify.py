@@ -17,9 +17,14 @@ from .sde import DIFFUSION_SCHEDULES, ReverseGrid, ddpm_index
 from .lm import LMConfig
 from .networks import EagerNetworks
 from .guidance import image_to_state
+from .precision import Precision, PrecisionNet
 from .solver import LM_MODE, MODES, NoiseStream, NonFiniteCheck, PurifyConfig, pipeline
 
-GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance")
+GRADIENTS = ("exact", "adjoint", "bpda", "detached-guidance", "exact-bf16")
+# Attacker gradients in lower precision (issue 24): 'exact' whose backward-carrying forward and adjoint run the
+# networks under this precision knob, while a call without gradient (the evaluation of candidates) purifies in
+# the networks' own precision.  NCHW: channels_last did not pay on the digits models on a CPU (README).
+LOW_PRECISION_GRADIENTS = {"exact-bf16": Precision("bf16")}
 RANGE_TOL = 1e-4  # [0, 1] inputs may carry float round-off of this size, no more
 
 
@@ -71,7 +76,8 @@ def _check_models(score_model, classifier, x=None):
 
 
 def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact", memory="auto", engine="auto",
-                   diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None):
+                   diffusion="ddpm", generator=None, samples=1, check_finite=True, max_steps=MAX_STEPS, lm=None,
+                   clamp=None):
     """Check purify's settings (everything but the tensors and the models); raise ValueError naming the
     first bad one.  Returns N, the number of steps."""
     if not isinstance(mode, str) or mode not in MODES:
@@ -104,6 +110,8 @@ def check_settings(*, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", gradient="exact
         raise ValueError(f"samples: expected an integer >= 1, got {samples!r}")
     if not isinstance(check_finite, bool):
         raise ValueError(f"check_finite: expected True or False, got {check_finite!r}")
+    if clamp is not None and not isinstance(clamp, bool):
+        raise ValueError(f"clamp: expected None (the mode's default), True or False, got {clamp!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps: expected an integer >= 1, got {max_steps!r}")
     if lm_mode:
@@ -158,7 +166,7 @@ def check_rows(rows, n: int, device):
 
 def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noise, image_range=True,
              memory="auto", diffusion="ddpm", generator=None, samples=1, engine="auto", check_finite=True,
-             max_steps=MAX_STEPS, lm=None, rows=None) -> PurifyConfig:
+             max_steps=MAX_STEPS, lm=None, rows=None, clamp=None) -> PurifyConfig:
     """Check every argument of `purify`; raise ValueError naming the argument and what was expected."""
     if not torch.is_tensor(x):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -182,7 +190,7 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
             raise ValueError(f"x: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     check_settings(t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient, memory=memory, engine=engine,
                    diffusion=diffusion, generator=generator, samples=samples, check_finite=check_finite,
-                   max_steps=max_steps, lm=lm)
+                   max_steps=max_steps, lm=lm, clamp=clamp)
     _check_models(score_model, classifier, x)
     if rows is not None and noise is not None:
         raise ValueError("rows: the draws of explicit noise are given, not drawn for a virtual batch; pass one of them")
@@ -198,8 +206,8 @@ def validate(x, score_model, classifier, *, t_star, lam, dt, mode, gradient, noi
     if mode == LM_MODE:  # purify's lam weighs the guidance of the LM objective; the SDE grid is unused (one step)
         lm_config = dataclasses.replace(lm or LMConfig(), lam=effective_lam)
         _check_size(x, samples, 1, gradient)
-        return PurifyConfig(ReverseGrid.from_dt(1.0, 1.0), 0.0, mode, diffusion, lm_config)
-    config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion)
+        return PurifyConfig(ReverseGrid.from_dt(1.0, 1.0), 0.0, mode, diffusion, lm_config, clamp)
+    config = PurifyConfig(ReverseGrid.from_dt(float(t_star), float(dt)), effective_lam, mode, diffusion, clamp=clamp)
     _check_size(x, samples, config.grid.n_steps, gradient)
     if abs(config.grid.h - dt) > 0.01 * dt:
         warnings.warn(f"dt = {dt} does not divide t_star = {t_star}: running N = {config.grid.n_steps} steps of "
@@ -247,7 +255,7 @@ def check_states(states, config: PurifyConfig, gradient: str) -> tuple:
 
 def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="coup", generator=None, noise=None,
            gradient="exact", memory="auto", engine="auto", diffusion="ddpm", samples=1, check_finite=True,
-           max_steps=MAX_STEPS, lm=None, rows=None, states=None):
+           max_steps=MAX_STEPS, lm=None, rows=None, states=None, clamp=None):
     """Purify images with COUP (Eq. 5 / Algorithm 1 of arXiv 2408.05900); differentiable in x.
 
     x: (B, C, H, W) or (B, D) float images in [0, 1].  score_model(x, t) -> score, x in [-1, 1],
@@ -263,6 +271,9 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     samples: K independent purifications of x in one batched call, returning (K * B, ...) images,
     sample r in rows r B .. (r + 1) B - 1 with the r-th seed drawn: exactly the draws of K
     sequential calls with the same generator (EOT in one batch).  gradient: 'exact' (discrete adjoint),
+    'exact-bf16' (the same adjoint, with the forward that carries it and the adjoint running the networks under
+    bf16 autocast: a cheaper, approximate attacker gradient; a call without gradient, e.g. under no_grad,
+    purifies in the networks' own precision, bit for bit as 'exact' does),
     'adjoint' (the published COUP / DiffPure attack, reproduced with its forward: torchsde
     sdeint_adjoint's computation, Euler with dt on the path from t* to 1e-5, guidance detached, the
     continuous adjoint reconstructing the path backwards; not an exact gradient; coup_fast.published runs
@@ -298,13 +309,22 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
     the discrete adjoint adds the gradient a per-step loss sends to x_k at step k, on every memory
     setting (docs/design.md §3); under 'bpda' each is straight-through from 2x - 1 as the output is.
     The eager and compile engines run it; the graph engine warns and runs eagerly.
-    Returns purified images in [0, 1] (the final state mapped back and clamped), x's shape
-    ((samples * B, ...) for samples > 1).
+    clamp: whether the purified image (x_N + 1)/2 is clamped to [0, 1] before it is returned (a pixel exactly on
+    0 or 1 keeps its gradient, one outside gets none); None (default) does what each mode's published code does:
+    'coup', 'reverse' and 'likelihood-max' clamp, 'diffpure' does not (NVlabs' DiffPure hands the classifier the
+    unclamped image; COUP's fork of it clamps: clamp=True).
+    Returns purified images (the final state mapped back to [0, 1] images, clamped as `clamp` says, so DiffPure's
+    may leave [0, 1] by default), x's shape ((samples * B, ...) for samples > 1).
     """
     config = validate(x, score_model, classifier, t_star=t_star, lam=lam, dt=dt, mode=mode, gradient=gradient,
                       noise=noise, memory=memory, diffusion=diffusion, generator=generator, samples=samples,
-                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, rows=rows)
+                      engine=engine, check_finite=check_finite, max_steps=max_steps, lm=lm, rows=rows, clamp=clamp)
     rows = check_rows(rows, x.shape[0], x.device)
+    if gradient in LOW_PRECISION_GRADIENTS:  # the attacker's networks only where a gradient is taken
+        if torch.is_grad_enabled() and x.requires_grad:
+            precision = LOW_PRECISION_GRADIENTS[gradient]
+            score_model, classifier = (attacker_network(net, precision) for net in (score_model, classifier))
+        gradient = "exact"
     if states is not None:
         states = check_states(states, config, gradient)
     if samples > 1:  # the K samples as one batch; the gradient to x sums theirs
@@ -337,6 +357,29 @@ def purify(x, score_model, classifier, *, t_star=0.1, lam=1.0, dt=1e-3, mode="co
         start = image_to_state(x)
         kept = start + (kept - start).detach()
     return images, kept
+
+
+_WRAPPERS = "_coup_fast_attacker_networks"  # where a network keeps its wrappers: {precision: PrecisionNet}
+
+
+def attacker_network(net, precision: Precision):
+    """`net` run under `precision` (a PrecisionNet: fp32 in and out, the network's own weights, not a copy).
+
+    The same wrapper on every call, kept on the network itself (not in a module-level table, which would keep
+    every network alive), so that the engines' caches keyed by the networks (CUDA graphs, compiled functions)
+    hold.  None stays None."""
+    if net is None:
+        return None
+    wrappers = getattr(net, _WRAPPERS, None)
+    if wrappers is None:
+        wrappers = {}
+        try:  # object's setattr: an nn.Module would register it as state
+            object.__setattr__(net, _WRAPPERS, wrappers)
+        except (AttributeError, TypeError):  # no instance dict: a fresh wrapper each call
+            return PrecisionNet(net, precision)
+    if precision not in wrappers:
+        wrappers[precision] = PrecisionNet(net, precision)
+    return wrappers[precision]
 
 
 # purify's keyword arguments, which PurifiedClassifier takes too (not `states`: it changes what a call returns)

@@ -21,7 +21,7 @@ subset logic draws by the batch it is given (distribution, not bits, agree there
 **Order.**  Within a chain, stages run by their expected cost per broken image, cost / p, cheapest first (the rule
 that minimises the expected cost of a sequence of independent tests): cost = the stage's planned solver steps per
 image (coup_fast.plan.attack_work) weighted by RELATIVE_STEP_COST, and p = STRENGTH, the share of the images still
-standing that the attack broke alone on the digits evaluation (docs/design.md §9 lists the measurements).  Ties keep
+standing that the attack broke alone on the digits evaluation (docs/design.md §12 lists the measurements).  Ties keep
 the declared order of rows and attacks.  The order is declared, not measured at run time, so that it is the same on
 every run and rank (records of a chain depend on it) — `--pilot` measures how well it does.
 """
@@ -40,7 +40,7 @@ SCHEDULES = ("cascade", "full")
 RELATIVE_STEP_COST = {"purify": 1.0, "bpda": 1.05, "exact": 2.9, "detached-guidance": 1.9, "adjoint": 2.8,
                       "exact-bf16": 2.9}
 # The share of the images still standing that each attack broke (Worst-of-R) when it ran alone after the clean
-# column, on the digits default run (docs/design.md §9).  An attack without a measurement counts as 0.5.
+# column, on the digits default run (docs/design.md §12).  An attack without a measurement counts as 0.5.
 STRENGTH = {"apgd-ce": 0.52, "pgd-eot": 0.48, "aa-rand": 0.26, "aa": 0.30, "aa-standard": 0.20, "bpda-eot": 0.35}
 DEFAULT_STRENGTH = 0.5
 

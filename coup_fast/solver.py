@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from . import ops
+from . import kinks, ops
 from .guidance import image_to_state, state_to_image
 from .lm import LMConfig
 from .noise import diffusion_counter, draw_seed, philox_normal, rng_table
@@ -25,19 +25,29 @@ from .sde import ReverseGrid, diffuse, euler_maruyama_step
 # The SDE purifiers, and the DDPM variant of Sec. 5.2.1: likelihood maximization (coup_fast.lm), guided by lam.
 MODES = ("coup", "reverse", "diffpure", "likelihood-max")
 LM_MODE = "likelihood-max"
+# Whether a mode clamps the purified image to [0, 1] before the classifier, as its published code runs it:
+# NVlabs' DiffPure hands (x + 1)/2 of the final state over unclamped (COUP's fork of it clamps); COUP's code
+# clamps; Chen et al.'s LM clamps its final image (docs/design.md §6).
+CLAMPS_OUTPUT = {"coup": True, "reverse": True, "diffpure": False, LM_MODE: True}
 
 
 @dataclass(frozen=True)
 class PurifyConfig:
     """Everything a purification needs besides the tensors: the time grid, the guidance weight lam
-    (0 unless mode is 'coup'), the mode, DiffPure's forward marginal (sde.DIFFUSION_SCHEDULES), and for
-    mode 'likelihood-max' the LM settings (its own guidance weight in lm.lam; the grid is unused)."""
+    (0 unless mode is 'coup'), the mode, DiffPure's forward marginal (sde.DIFFUSION_SCHEDULES), for
+    mode 'likelihood-max' the LM settings (its own guidance weight in lm.lam; the grid is unused), and
+    whether the purified image is clamped to [0, 1] (None: the mode's CLAMPS_OUTPUT)."""
 
     grid: ReverseGrid
     lam: float
     mode: str
     diffusion: str = "ddpm"
     lm: LMConfig | None = None
+    clamp: bool | None = None
+
+    @property
+    def clamps_output(self) -> bool:
+        return CLAMPS_OUTPUT[self.mode] if self.clamp is None else self.clamp
 
     @property
     def n_draws(self) -> int:
@@ -201,8 +211,9 @@ def pipeline(u, config: PurifyConfig, stream: NoiseStream, solve_state: Callable
              check=None):
     """Purify images u in [0, 1] (docs/design.md §6): x = 2u - 1; DiffPure's forward diffusion with the
     stream's diffusion draw (mode 'diffpure'); x_N = solve_state(x); gradient 'bpda' makes the solve
-    straight-through (its forward as usual, an identity Jacobian from the start state); back to images,
-    clamped to [0, 1].
+    straight-through (its forward as usual, an identity Jacobian from the start state); back to images
+    (x_N + 1)/2, clamped to [0, 1] when config.clamps_output (not for DiffPure by default: its images
+    may then leave [0, 1]).
 
     check: a NonFiniteCheck (or None): the final state, and in the backward pass the gradient reaching
     the images, are checked once for NaN and Inf, and it raises naming the cause.
@@ -220,7 +231,9 @@ def pipeline(u, config: PurifyConfig, stream: NoiseStream, solve_state: Callable
         out = solve_state(x)
     if check is not None and not torch.isfinite(out).all():  # once per call, after the loop: no per-step cost
         check.forward(x.detach())
-    return state_to_image(out).clamp(0.0, 1.0)
+    image = state_to_image(out)
+    # a pixel exactly on 0 or 1 keeps its gradient (docs/design.md §11)
+    return kinks.clamp(image, 0.0, 1.0) if config.clamps_output else image
 
 
 class NonFiniteCheck:

@@ -13,7 +13,7 @@ import import_graph
 # applications on top (evaluation, attacks, CLI, training, the paper's analyses).
 LAYERS = [
     ["coup_fast.sde", "coup_fast.noise", "coup_fast.guidance", "coup_fast.score", "coup_fast.precision",
-     "coup_fast.analytic", "coup_fast._files"],
+     "coup_fast.kinks", "coup_fast.analytic", "coup_fast._files"],
     ["coup_fast.kernels", "coup_fast.kernels.em_step", "coup_fast.kernels.adjoint_update", "coup_fast.kernels.confidence",
      "coup_fast.extension", "coup_fast.ops"],
     ["coup_fast.networks", "coup_fast.lm", "coup_fast.solver", "coup_fast.adjoint", "coup_fast.published"],

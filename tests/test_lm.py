@@ -56,7 +56,9 @@ def start_state(shape=SHAPE, seed=2):
 
 def reference_unrolled(x0, eps_net, clf, cfg, t_all, eps_all, detach_guidance=False, trace=None):
     """x_M by plain autograd through the M steps (create_graph everywhere), written from the formulas:
-    per-draw network calls, torch's documented Adam, the projections as min(1, r/||d||) and max/min."""
+    per-draw network calls, torch's documented Adam, the projections as masks (1 inside the ball or the box,
+    faces included, 0 strictly outside: the subgradient coup_fast.lm states) times d plus the constant face
+    point, so that no torch clamp, max or min picks a derivative on a kink."""
     dims = tuple(range(1, x0.ndim))
     b1, b2 = cfg.betas
     x, m, v = x0, torch.zeros_like(x0), torch.zeros_like(x0)
@@ -93,13 +95,16 @@ def reference_unrolled(x0, eps_net, clf, cfg, t_all, eps_all, detach_guidance=Fa
             n = d.pow(2).sum(dim=dims, keepdim=True).sqrt()
             if trace is not None:
                 trace.append(bool((n > cfg.radius).any()))
-            x = x0 + d * torch.clamp(cfg.radius / n, max=1.0)
+            inside = (n <= cfg.radius).to(x.dtype)  # on the sphere: the identity
+            x = x0 + inside * d + (1 - inside) * d * (cfg.radius / n)
         else:
             if trace is not None:
                 trace.append(bool((d.abs() > cfg.radius).any()))
-            x = torch.max(torch.min(x, x0 + cfg.radius), x0 - cfg.radius)
+            inside = (d.abs() <= cfg.radius).to(x.dtype)  # on a face: d passes through
+            x = x0 + inside * d + (1 - inside) * cfg.radius * torch.sign(d)
         if cfg.clamp:
-            x = x.clamp(-1.0, 1.0)
+            inside = (x.abs() <= 1.0).to(x.dtype)
+            x = inside * x + (1 - inside) * torch.sign(x)
     return x
 
 
@@ -140,6 +145,99 @@ def test_gradient_equals_unrolled_autograd_float64(rule, ball, radius, lam, extr
     assert rel(grad, ref_grad) <= 1e-8
     if rule != "sign":  # the sign rule has no network term in its Jacobian (see coup_fast.lm)
         assert rel(grad, upstream) > 1e-3
+
+
+class ScriptedEps(nn.Module):
+    """An eps-network on the DDPM index whose loss gradient has a prescribed sign per pixel and phase:
+    eps(y, t) = y + c with c = 100 pattern for t < 150 and -100 pattern from 150 on.  The loss w ||eps(x_t) - e||^2
+    then has the gradient 2 w sqrt(abar) (sqrt(abar) x + (sqrt(1 - abar) - 1) e + c), of the sign of c while
+    |x| and |e| stay far below 100, so rule 'sign' with momentum 0 moves a pixel by -lr sign(c) per step, exactly."""
+
+    def __init__(self, pattern):
+        super().__init__()
+        self.register_buffer("pattern", pattern)
+
+    def forward(self, y, t):
+        phase = torch.where(t < 150, 1.0, -1.0).to(y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+        return y + 100.0 * phase * self.pattern
+
+
+def faces_closed_form(x0, moves, radius, ball=True):
+    """x_M and dx_M/dx_0 per pixel of x_{k+1} = box(ball(x_k + move_k)) in exact (dyadic) arithmetic, with the
+    ball's faces and the box's faces passing the iterate through (`inclusive`, coup_fast.lm's subgradient) and
+    with the other convention (`exclusive`: a face clamps, as torch 2.14's clamp differentiates), and how many
+    times an iterate landed exactly on a face of the ball / of the box [-1, 1]."""
+    out = {}
+    for convention in ("inclusive", "exclusive"):
+        x, jac, hits = x0.clone(), torch.ones_like(x0), [0, 0]
+        for move in moves:
+            pre = x + move
+            d = pre - x0
+            if ball:
+                hits[0] += int((d.abs() == radius).sum())
+                keep = d.abs() <= radius if convention == "inclusive" else d.abs() < radius
+                x = torch.where(keep, pre, x0 + radius * torch.sign(d))
+                jac = torch.where(keep, jac, torch.ones_like(jac))  # on the ball's face x = x0 + r sign(d)
+            else:
+                x = pre
+            hits[1] += int((x.abs() == 1).sum())
+            keep = x.abs() <= 1 if convention == "inclusive" else x.abs() < 1
+            x, jac = torch.where(keep, x, torch.sign(x)), torch.where(keep, jac, torch.zeros_like(jac))
+        out[convention] = (x, jac, hits)
+    return out
+
+
+def _quarter_grid_start(shape=SHAPE):
+    """Start states on the 1/4 grid of [-1, 1], the box's faces included (digits' pixels 0 and 1 are -1 and 1)."""
+    return (torch.arange(math.prod(shape), dtype=torch.float64) % 9 * 0.25 - 1.0).reshape(shape)
+
+
+def test_sign_rule_with_iterates_exactly_on_the_ball_and_box_faces():
+    """rule 'sign', L-inf r = 0.5, clamp=True, lr 1/8 on a 1/4-grid start: iterates land exactly on the ball's and
+    the box's faces.  The gradient is the closed form of the inclusive subgradient (a face passes the iterate
+    through), whatever torch's clamp does on a bound (torch 2.14 gives 0 there: the exclusive column)."""
+    pattern = torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4).double()
+    eps_net = ScriptedEps(pattern)
+    cfg = LMConfig(n_steps=9, rule="sign", lr=0.125, momentum=0.0, ball="linf", radius=0.5, clamp=True)
+    t = torch.tensor([120] * 3 + [160] * 6).reshape(9, 1, 1).expand(9, 1, SHAPE[0]).contiguous()
+    e = torch.zeros(9, 1, *SHAPE, dtype=torch.float64)
+    x0 = _quarter_grid_start()
+    moves = [-cfg.lr * pattern] * 3 + [cfg.lr * pattern] * 6
+    forms = faces_closed_form(x0, moves, cfg.radius)
+    want_x, want_jac, hits = forms["inclusive"]
+    assert hits[0] > 0 and hits[1] > 0, "no iterate landed on a face: the kinks were not tested"
+    assert not torch.equal(want_jac, forms["exclusive"][1]), "the two conventions agree here: the test cannot fail"
+    upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x0.clone().requires_grad_(True)
+    out = lm_solve(x, eps_net, None, cfg, draws=(t, e))
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.equal(out.detach(), want_x)
+    assert torch.equal(grad, upstream * want_jac)
+    xr = x0.clone().requires_grad_(True)  # the unrolled reference states the same subgradient with masks
+    (ref,) = torch.autograd.grad(reference_unrolled(xr, eps_net, None, cfg, t, e), xr, upstream)
+    assert torch.equal(ref, upstream * want_jac)
+
+
+def test_lm_through_purify_with_the_final_image_exactly_on_0_and_1():
+    """LMConfig(rule='sign', clamp=True) through purify: iterates reach exactly -1 and 1 at the last step, so the
+    purified images are exactly 0 and 1 and both the box's clamp and the pipeline's [0, 1] clamp sit on a bound.
+    The gradient to the images is the inclusive closed form (u -> 2u - 1 and back: factors 2 and 1/2)."""
+    from coup_fast import purify
+
+    pattern = torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 1, 4, 4).double()
+    cfg = LMConfig(n_steps=2, rule="sign", lr=0.125, momentum=0.0, clamp=True, t_range=(120, 120))
+    x0 = _quarter_grid_start()
+    forms = faces_closed_form(x0, [-cfg.lr * pattern] * 2, None, ball=False)  # the L2 ball (r = 200) never binds
+    want_x, want_jac, hits = forms["inclusive"]
+    assert hits[1] > 0 and bool(((want_x.abs() == 1) & (want_jac == 1)).any())  # a face that keeps its gradient
+    assert not torch.equal(want_jac, forms["exclusive"][1])
+    upstream = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u = ((x0 + 1) / 2).requires_grad_(True)
+    out = purify(u, ScriptedEps(pattern), None, mode="likelihood-max", lam=0.0, lm=cfg,
+                 generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(out, u, upstream)
+    assert torch.equal(out.detach(), (want_x + 1) / 2)
+    assert torch.equal(grad, upstream * want_jac)
 
 
 def test_exact_and_detached_differ_by_the_guidance_hessian_only():

@@ -107,28 +107,123 @@ def test_paper_sweep_rejects_more_images_than_the_split_has(capsys, tmp_path):
     assert "n_images: the digits test split has" in capsys.readouterr().err
 
 
-def test_accuracy_point_averages_n_eval_purifications_with_an_se_over_images(monkeypatch):
-    # a stand-in purified classifier: image i is right on draws where (draw + i) is even
-    class Alternating(torch.nn.Module):
+class _Alternating(torch.nn.Module):
+    """A stand-in purified classifier: image i is right on draws where (draw + i) is even (randomized)."""
+
+    randomized = True
+
+    def __init__(self, *a, **k):
+        super().__init__()
+        self.draw, self.kwargs = 0, k
+
+    def forward(self, u):
+        right = (torch.arange(u.shape[0]) + self.draw) % 2 == 0
+        self.draw += 1
+        return torch.nn.functional.one_hot(torch.where(right, 0, 1), 2).float()
+
+
+def test_accuracy_point_reports_avg_and_worst_of_r_with_evals_intervals(monkeypatch):
+    """Clean: each image right on every other draw, so Avg 1/2 and Worst-of-R 0; the attack's candidate is always
+    wrong, so robust is 0 / 0.  The intervals are coup_fast.stats' (Korn-Graubard for Avg, Wilson for Worst-of-R),
+    as eval reports them; the attacks run are the ones named, with the budgets given."""
+    from coup_fast import stats
+
+    seen = []
+
+    def fake_run_attack(name, model, x, y, **k):
+        seen.append((name, k["settings"].n_iter, k["settings"].apgd_eot, k["eps"]))
+        return {"adv": x + 1.0, "other": x + 1.0}  # classified by `wrong` below
+
+    class Model(_Alternating):
+        def forward(self, u):
+            out = super().forward(u)
+            return torch.where((u > 0.5).flatten(1).any(1, keepdim=True), out.flip(1) * 0 + torch.tensor([0.0, 1.0]),
+                               out)
+
+    monkeypatch.setattr(sweep, "PurifiedClassifier", Model)
+    monkeypatch.setattr(sweep.attacks, "run_attack", fake_run_attack)
+    x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=1.0, dt=0.1, eps=0.1, n_iter=3, batch_size=4,
+                               n_eval=2, eot=7, attack_names=("apgd-ce", "pgd-eot"))
+    assert seen == [("apgd-ce", 3, 7, 0.1), ("pgd-eot", 3, 7, 0.1)]
+    assert row["clean_acc"] == pytest.approx(0.5) and row["clean_worst"] == 0.0
+    assert (row["clean_lo"], row["clean_hi"]) == pytest.approx(stats.mean_interval([0.5] * 4, 2))
+    assert (row["clean_worst_lo"], row["clean_worst_hi"]) == pytest.approx(stats.wilson_interval(0, 4))
+    assert row["robust_acc"] == 0.0 and row["robust_worst"] == 0.0 and row["pgd-eot_acc"] == 0.0
+    assert row["n_eval"] == 2 and row["n"] == 4
+
+
+def test_worst_case_over_attacks_is_evaluates_per_image_minimum(monkeypatch):
+    """Two attacks that each break a different half of the images: each alone leaves 50 %, the worst case 0 %
+    (per image over the attacks, as coup-fast eval's 'all attacks'), and each attack's candidate is the one its
+    R purifications classify correctly least often (select_worst)."""
+    def fake_run_attack(name, model, x, y, **k):
+        half = torch.arange(x.shape[0]) % 2 == (0 if name == "apgd-ce" else 1)
+        bad = torch.where(half.view(-1, 1, 1, 1), 1.0, 0.0).expand_as(x)
+        return {"useless": x.clone(), "breaks-half": bad}
+
+    class Model(torch.nn.Module):
+        randomized = True
+
         def __init__(self, *a, **k):
             super().__init__()
-            self.draw = 0
 
-        def forward(self, u):
-            right = (torch.arange(u.shape[0]) + self.draw) % 2 == 0
-            self.draw += 1
-            return torch.nn.functional.one_hot(torch.where(right, 0, 1), 2).float()
+        def forward(self, u):  # wrong exactly where the input was set to 1
+            wrong = (u > 0.5).flatten(1).any(1)
+            return torch.nn.functional.one_hot(wrong.long(), 2).float()
 
-    seen = {}
-    monkeypatch.setattr(sweep, "PurifiedClassifier", Alternating)
-    monkeypatch.setattr(sweep, "apgd_ce", lambda model, x, y, **k: seen.update(k) or x)
-    x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
-    # per image: all 1/2; or 2/3, 1/3, 2/3, 1/3 (deviations 1/6: sample std (1/6) sqrt(4/3), SE that / sqrt(4))
-    for n_eval, acc, se in ((2, 0.5, 0.0), (3, 0.5, (1 / 6) * (4 / 3) ** 0.5 / 2)):
-        row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=1.0, dt=0.1, eps=0.1, n_iter=1, batch_size=4,
-                                   n_eval=n_eval, eot=7)
-        assert row["clean_acc"] == pytest.approx(acc) and row["clean_se"] == pytest.approx(se)
-        assert row["n_eval"] == n_eval and seen["eot"] == 7
+    monkeypatch.setattr(sweep, "PurifiedClassifier", Model)
+    monkeypatch.setattr(sweep.attacks, "run_attack", fake_run_attack)
+    x, y = torch.zeros(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
+    row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=1.0, dt=0.1, eps=0.1, n_iter=1, batch_size=4,
+                               n_eval=3, attack_names=("apgd-ce", "pgd-eot"))
+    assert row["apgd-ce_acc"] == 0.5 and row["pgd-eot_worst"] == 0.5
+    assert row["robust_acc"] == 0.0 and row["robust_worst"] == 0.0 and row["clean_acc"] == 1.0
+
+
+def test_protocols_and_flags_set_the_attacks_and_the_outputs_name_them(tmp_path):
+    cfg = sweep.SweepConfig.preset("digits", protocol=("lee-kim",), n_eval=None)
+    assert cfg.attacks == ("pgd-eot",) and cfg.budget["pgd_iter"] == 200 and cfg.budget["pgd_eot"] == 20
+    assert cfg.attack_settings().pgd_iter == 200 and "PGD-EOT (200 it. x EOT 20)" in cfg.attack_description()
+    flags_win = sweep.SweepConfig.preset("digits", protocol=("lee-kim",), attacks=("apgd-ce", "pgd-eot"))
+    assert flags_win.attacks == ("apgd-ce", "pgd-eot") and "worst case over" in flags_win.attack_description()
+    default = sweep.SweepConfig.preset("digits")
+    assert default.attack_description().startswith("APGD-CE (10 it., EOT 1)") and "exact gradient" in \
+        default.attack_description()
+    for bad in (dict(attacks=("fgsm",)), dict(attacks=("apgd-ce", "apgd-ce")), dict(gradient="sign"),
+                dict(defense="coup-lm", gradient="adjoint")):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad)) if 'attacks' in bad else 'gradient'}:"):
+            sweep.SweepConfig(**bad)
+    with pytest.raises(ValueError, match="^protocol:"):
+        sweep.SweepConfig.preset("digits", protocol=("madry",))
+    cfg = sweep.SweepConfig(**{**SMALL, "attacks": ("apgd-ce", "pgd-eot"), "budget": {"pgd_iter": 2, "pgd_eot": 2},
+                               "n_eval": 2, "t_grid": (0.02,), "lam_grid": (1.0,)})
+    r = sweep.run_sweep(cfg, str(tmp_path), problem=tiny_problem(), progress=False)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["attack"]["attacks"] == ["apgd-ce", "pgd-eot"] and saved["attack"]["gradient"] == "exact"
+    assert "PGD-EOT (2 it. x EOT 2)" in saved["attack"]["description"] and saved["attack"]["settings"]["pgd_iter"] == 2
+    row = r["rows"][0]
+    assert row["robust_acc"] <= min(row["apgd-ce_acc"], row["pgd-eot_acc"]) + 1e-12
+    assert row["robust_lo"] <= row["robust_acc"] <= row["robust_hi"]
+
+
+def test_geometric_grids_get_a_log_axis():
+    assert sweep.axis_scale((0.02, 0.05, 0.1, 0.2, 0.4)) == ("log",)  # the digits t* grid
+    assert sweep.axis_scale((1, 2, 5, 10)) == ("log",)  # M
+    assert sweep.axis_scale((0.0, 0.5, 1.0, 2.0, 5.0)) == ("symlog", 0.5)  # lam, 0 included
+    assert sweep.axis_scale((0.025, 0.05, 0.075, 0.1, 0.125, 0.15)) == ("linear",)  # the CIFAR t* grid: arithmetic
+    assert sweep.axis_scale((0.0, 1.0)) == ("linear",)
+
+
+def test_paper_help_shows_every_default():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    paper = cli.register(parser.add_subparsers(dest="command"))
+    for name, sub in paper._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert "default" in (action.help or "").lower(), f"paper {name} {action.option_strings}"
 
 
 # --- an unwritable --out fails before any compute; finished cells survive an interruption
@@ -219,8 +314,9 @@ def test_interrupted_sweep_resumes_from_its_finished_cells(tmp_path, monkeypatch
 def _fake_point(calls):
     def point(*a, **k):
         calls.append((k["t_star"], k["lam"]))
-        return {"t_star": k["t_star"], "lam": k["lam"], "clean_acc": 1.0, "clean_se": 0.0, "robust_acc": 0.5,
-                "robust_se": 0.1, "n": 6, "n_eval": k["n_eval"], "eot": k["eot"]}
+        return {"t_star": k["t_star"], "lam": k["lam"], "clean_acc": 1.0, "clean_lo": 0.6, "clean_hi": 1.0,
+                "robust_acc": 0.5, "robust_lo": 0.2, "robust_hi": 0.8, "robust_worst": 0.5, "robust_worst_lo": 0.2,
+                "robust_worst_hi": 0.8, "n": 6, "n_eval": k["n_eval"], "eot": k["eot"]}
     return point
 
 
@@ -370,7 +466,7 @@ def test_lm_accuracy_point_purifies_by_likelihood_maximization(monkeypatch):
             return torch.nn.functional.one_hot(torch.zeros(u.shape[0], dtype=torch.long), 2).float()
 
     monkeypatch.setattr(sweep, "PurifiedClassifier", Recording)
-    monkeypatch.setattr(sweep, "apgd_ce", lambda model, x, y, **k: x)
+    monkeypatch.setattr(sweep.attacks, "run_attack", lambda name, model, x, y, **k: {"adv": x})
     x, y = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
     row = sweep.accuracy_point(None, None, x, y, t_star=0.1, lam=2.0, dt=0.1, eps=0.1, n_iter=1, batch_size=2,
                                defense="coup-lm", lm_steps=7)

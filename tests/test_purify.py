@@ -1,4 +1,7 @@
+import importlib
 import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from coup_fast import PurifiedClassifier, purify
 from coup_fast.analytic import GaussianMixture, LinearSoftmaxClassifier
 from coup_fast.noise import philox_normal
 from coup_fast.sde import ReverseGrid
-from problems import analytic_problem, neural_problem
+from problems import analytic_problem, neural_problem, out_and_grad
 
 
 @pytest.fixture
@@ -443,8 +446,56 @@ def test_diffpure_diffuses_with_the_chosen_marginal(diffusion):
     else:
         scale, std = coup_fast.sde.vp_alpha(1e-3), coup_fast.sde.vp_sigma(1e-3)
     x_d = scale * (2 * u - 1) + std * eps
-    expected = ((x_d * (1 + 0.5 * ReverseGrid.from_dt(1e-3, 1e-3).beta_dt(0)) + 1) / 2).clamp(0, 1)
+    expected = (x_d * (1 + 0.5 * ReverseGrid.from_dt(1e-3, 1e-3).beta_dt(0)) + 1) / 2  # unclamped, as NVlabs' code
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def _nvlabs_diffpure(u, score, noise, t_star, dt):
+    """NVlabs DiffPure's purified image, written here from its definition (eval_sde_adv.py's SDE_Adv_Model and
+    runners/diffpure_sde.py): x = 2u - 1 diffused with the discrete DDPM alpha_bar at index 1000 t* - 1 and draw
+    noise[0], N Euler-Maruyama steps of the reverse VP SDE with noise[1:], and the classifier fed (x_N + 1) * 0.5
+    with no clamp."""
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[round(1000 * t_star) - 1]
+    x = math.sqrt(abar) * (2 * u - 1) + math.sqrt(1.0 - abar) * noise[0]
+    n = round(t_star / dt)
+    h = t_star / n
+    for k in range(n):
+        t = t_star - k * h
+        beta = 0.1 + t * (20.0 - 0.1)
+        score_k = score(x, torch.full((x.shape[0],), t, dtype=x.dtype))
+        x = x + beta * h * (0.5 * x + score_k) + math.sqrt(beta * h) * noise[1 + k]
+    return (x + 1) * 0.5
+
+
+def test_diffpure_hands_the_classifier_the_unclamped_image_as_nvlabs_does():
+    """mode='diffpure' by default: NVlabs DiffPure's (x_N + 1)/2, no clamp, output and gradient (pixels outside
+    [0, 1] keep theirs); clamp=True is COUP's fork: the clamped image, no gradient outside [0, 1]; coup and reverse
+    clamp by default."""
+    score, clf = neural_problem(dtype=torch.float64)
+    u = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round()  # 0 or 1
+    noise = torch.randn(6, *u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = torch.randn(u.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = dict(t_star=0.1, dt=0.02, noise=noise)
+    out, grad = out_and_grad(lambda v: purify(v, score, clf, mode="diffpure", **kw), u, upstream)
+    ref, ref_grad = out_and_grad(lambda v: _nvlabs_diffpure(v, score, noise, 0.1, 0.02), u, upstream)
+    outside = (ref < 0) | (ref > 1)
+    assert 0.1 < outside.double().mean() < 0.9  # the case the clamp changes
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # the clamp's mask zeroes the upstream of the pixels outside [0, 1]: a different gradient
+    _, masked_grad = out_and_grad(lambda v: _nvlabs_diffpure(v, score, noise, 0.1, 0.02), u, upstream * ~outside)
+    assert float((ref_grad - masked_grad).norm() / ref_grad.norm()) > 0.1
+    out_c, grad_c = out_and_grad(lambda v: purify(v, score, clf, mode="diffpure", clamp=True, **kw), u, upstream)
+    torch.testing.assert_close(out_c, ref.clamp(0, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_c, masked_grad, rtol=1e-10, atol=1e-12)
+    for mode in ("coup", "reverse"):  # COUP's code clamps; clamp=False opts out
+        clamped = purify(u, score, clf, mode=mode, t_star=0.1, dt=0.02, noise=noise[1:])
+        raw = purify(u, score, clf, mode=mode, t_star=0.1, dt=0.02, noise=noise[1:], clamp=False)
+        assert torch.equal(clamped, raw.clamp(0, 1)) and not torch.equal(clamped, raw)
+    with pytest.raises(ValueError, match="^clamp:"):
+        purify(u, score, clf, mode="diffpure", clamp=1, **kw)
+    model = coup_fast.PurifiedClassifier(score, clf, mode="diffpure", t_star=0.1, dt=0.02)
+    assert model.purify(u).min() < 0 or model.purify(u).max() > 1
 
 
 def test_diffusion_schedule_is_validated(analytic):
@@ -453,3 +504,45 @@ def test_diffusion_schedule_is_validated(analytic):
     with pytest.raises(ValueError, match="^t_star:.*1/1000"):  # DiffPure's schedule has 1000 discrete steps
         purify(_x(), *analytic, mode="diffpure", t_star=0.0333, dt=0.0333 / 10)
     purify(_x(), *analytic, mode="diffpure", t_star=0.0333, dt=0.0333 / 10, diffusion="vp")  # continuous: any t*
+
+
+def test_exact_bf16_is_close_to_exact_and_evaluates_in_full_precision():
+    """gradient='exact-bf16' (issue 24): the backward-carrying forward and the adjoint run the networks under bf16
+    autocast; calls without gradient purify in fp32, bit for bit as 'exact'.  Bounds: bf16 keeps 8 significant
+    bits (relative spacing 2^-8 = 0.0039); through N = 5 steps of two networks and their VJPs the measured relative
+    error of the gradient is 0.5-2.6 % (dt 1e-3 - 0.02, batch cosine >= 0.99995), so rel <= 0.1 and cosine >= 0.995
+    leave a 4x margin while an unrelated direction (cosine ~0) or a lost factor fails them; rel > 1e-4 proves that
+    the networks did run in bf16."""
+    from coup_fast.data import load_digits
+    from coup_fast.evaluate import Defense
+    from coup_fast.models import load_digits_models
+
+    score, clf = load_digits_models()
+    u, y = load_digits("test", n=16, seed=0)
+    kw = dict(t_star=0.1, dt=0.02, lam=1.0, engine="eager")
+    grads, outs = {}, {}
+    for gradient in ("exact", "exact-bf16"):
+        x = u.clone().requires_grad_(True)
+        out = purify(x, score, clf, gradient=gradient, generator=torch.Generator().manual_seed(3), **kw)
+        loss = torch.nn.functional.cross_entropy(clf(out), y, reduction="sum")
+        grads[gradient], outs[gradient] = torch.autograd.grad(loss, x)[0], out.detach()
+    g, gb = grads["exact"], grads["exact-bf16"]
+    rel = float((gb - g).norm() / g.norm())
+    assert 1e-4 < rel < 0.1
+    assert float(torch.nn.functional.cosine_similarity(g.flatten(), gb.flatten(), dim=0)) > 0.995
+    assert not torch.equal(outs["exact"], outs["exact-bf16"])  # the gradient call's forward ran in bf16 too
+    for make in (lambda: u, lambda: u.clone().requires_grad_(True)):  # no gradient: under no_grad, or x a constant
+        with torch.no_grad():
+            a = purify(make(), score, clf, gradient="exact", generator=torch.Generator().manual_seed(3), **kw)
+            b = purify(make(), score, clf, gradient="exact-bf16", generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(a, b)
+    b = purify(u, score, clf, gradient="exact-bf16", generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(b, outs["exact"])
+    api = importlib.import_module("coup_fast.purify")
+    knob = api.LOW_PRECISION_GRADIENTS["exact-bf16"]
+    assert knob.compute == "bf16"
+    wrapper = api.attacker_network(score, knob)
+    assert wrapper is api.attacker_network(score, knob) and wrapper.net is score  # one per network, no weight copy
+    assert list(score.state_dict()) == list(load_digits_models()[0].state_dict())  # nothing registered on the net
+    assert Defense.parse("coup@exact-bf16").label == "coup@exact-bf16"
+    assert Defense.parse("coup-lm@exact-bf16").gradient == "exact-bf16"

@@ -15,7 +15,10 @@ import sys
 
 import torch
 
+from ..attacks import ATTACKS
 from ..engines import CHOICES as ENGINES
+from ..evaluate import ATTACK_GRADIENTS
+from ..protocols import PROTOCOLS
 from . import check_out_dir, sweep, toy, trajectory
 from .toy import MAX_WEIGHT
 
@@ -27,6 +30,7 @@ COMMON_DEFAULTS = {"out": DEFAULT_OUT, "seed": 0, "threads": 1, "progress": True
 MAX_SEED = 2**32 - 1  # numpy's RandomState (the paper's CIFAR subset) takes no larger seed
 MAX_THREADS = 1024  # more than any machine's cores; torch.set_num_threads overflows on huge ints
 MIN_DT = 1e-5  # at most t*/dt = 100,000 Euler steps per purification
+TRAJECTORY_CIFAR = {"eps": 8 / 255, "n_iter": 100}  # trajectory's CIFAR values (the rest: trajectory.DEFAULTS)
 
 
 def _number(kind, lo, hi=None, lo_open=True, what=""):
@@ -77,6 +81,17 @@ def _list_of(item):
     return parse
 
 
+def _names(allowed):
+    """An argparse type: a non-empty comma list of distinct names from `allowed`."""
+    def parse(text: str) -> tuple:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in names if v not in allowed]
+        if not names or bad or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"expected a comma list of distinct names from {allowed}, got {text!r}")
+        return names
+    return parse
+
+
 def _device(text: str) -> str:
     try:
         device = torch.device(text)
@@ -96,24 +111,32 @@ def _common(p):
     p.add_argument("--threads", type=THREADS, default=argparse.SUPPRESS,
                    help="torch CPU threads (default 1: on a shared CPU more threads contend and run slower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                   help="no tqdm bars")
+                   help="turn the tqdm progress bars off (default: on)")
 
 
-def _data_args(p):
+def _data_args(p, digits: dict, cifar: dict):
+    """The data and budget flags; `digits` / `cifar`: the command's defaults there (n_images, eps, n_iter, dt)."""
     p.add_argument("--data", choices=sweep.DATASETS, default="digits",
                    help="digits (embedded models, default), or cifar10 / cifar100 (needs --cifar-dir, --score-ckpt, "
                         "--classifier-ckpt)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
-    p.add_argument("--n-images", type=POSITIVE_INT, default=None, help="test images (default: the command's preset)")
-    p.add_argument("--eps", type=POSITIVE, default=None, help="L-inf radius (digits 0.15, CIFAR 8/255)")
-    p.add_argument("--n-iter", type=POSITIVE_INT, default=None, help="APGD-CE iterations")
-    p.add_argument("--dt", type=DT, default=None, help=f"Euler step, in [{MIN_DT:g}, 1] (digits 1e-2, CIFAR 1e-3)")
-    p.add_argument("--cifar-dir", help="CIFAR-10/100 python-version directory or .tar.gz (coup_fast.data.load_cifar)")
+    p.add_argument("--n-images", type=POSITIVE_INT, default=None,
+                   help=f"test images (default: digits {digits['n_images']}, CIFAR {cifar['n_images']})")
+    p.add_argument("--eps", type=POSITIVE, default=None,
+                   help=f"L-inf radius in [0, 1] pixel units (default: digits {digits['eps']:g}, CIFAR 8/255)")
+    p.add_argument("--n-iter", type=POSITIVE_INT, default=None,
+                   help=f"APGD iterations (default: digits {digits['n_iter']}, CIFAR {cifar['n_iter']})")
+    p.add_argument("--dt", type=DT, default=None, help=f"Euler step, in [{MIN_DT:g}, 1] (default: digits "
+                                                        f"{digits['dt']:g}, CIFAR {cifar['dt']:g})")
+    p.add_argument("--cifar-dir", help="CIFAR-10/100 python-version directory or .tar.gz (coup_fast.data.load_cifar; "
+                                       "default none: required with --data cifar10 / cifar100)")
     p.add_argument("--subset", choices=sweep.SUBSETS, default=None,
                    help="CIFAR test images: 'paper' (default: DiffPure's and COUP's "
                         "np.random.RandomState(seed).choice(10000, n, replace=False)) or 'seeded' (a torch permutation)")
-    p.add_argument("--score-ckpt", help="Score SDE checkpoint (coup_fast.models.ncsnpp.load_ncsnpp)")
-    p.add_argument("--classifier-ckpt", help="WideResNet checkpoint (coup_fast.models.wideresnet.load_wideresnet)")
+    p.add_argument("--score-ckpt", help="Score SDE checkpoint (coup_fast.models.ncsnpp.load_ncsnpp; default none: "
+                                        "required on CIFAR)")
+    p.add_argument("--classifier-ckpt", help="WideResNet checkpoint (coup_fast.models.wideresnet.load_wideresnet; "
+                                             "default none: required on CIFAR)")
     p.add_argument("--wrn-depth", type=_wrn_depth, default=28, help="WideResNet depth, 6n + 4 (default 28)")
     p.add_argument("--wrn-widen", type=WRN_WIDEN, default=10, help="WideResNet widen factor (default 10)")
     p.add_argument("--weights-dir", help="digits weights directory (default: the shipped ones)")
@@ -151,7 +174,7 @@ def run_toy_cmd(a) -> int:
 def run_trajectory_cmd(a) -> int:
     defaults = trajectory.DEFAULTS
     if a.data != "digits":
-        defaults = {**defaults, "eps": 8 / 255, "n_iter": 100}
+        defaults = {**defaults, **TRAJECTORY_CIFAR}
     pick = lambda name: defaults[name] if getattr(a, name) is None else getattr(a, name)  # noqa: E731
     s = trajectory.run_trajectory(a.out, data=a.data, n_images=pick("n_images"), seed=a.seed, eps=pick("eps"),
                        t_star=a.t_star, dt=pick("dt"), lam=a.lam, n_iter=pick("n_iter"), device=a.device,
@@ -171,15 +194,20 @@ def run_sweep_cmd(a) -> int:
         raise ValueError("--ddpm-ckpt: the eps-network of --defense coup-lm; --defense coup takes --score-ckpt")
     if a.defense == "coup-lm" and a.score_ckpt is not None:
         raise ValueError("--score-ckpt: --defense coup-lm purifies with a DDPM eps-network, give --ddpm-ckpt")
-    cfg = sweep.SweepConfig.preset(a.data, n_images=a.n_images, seed=a.seed, eps=a.eps, n_iter=a.n_iter, dt=a.dt,
-                             t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star, lam=a.lam, engine=a.engine,
-                             n_eval=a.n_eval, eot=a.eot, defense=a.defense, m_grid=a.m_grid, lm_steps=a.lm_steps)
+    cfg = sweep.SweepConfig.preset(a.data, protocol=a.protocol or (), n_images=a.n_images, seed=a.seed, eps=a.eps,
+                                   n_iter=a.n_iter, dt=a.dt, t_grid=a.t_grid, lam_grid=a.lam_grid, t_star=a.t_star,
+                                   lam=a.lam, engine=a.engine, n_eval=a.n_eval, eot=a.eot, defense=a.defense,
+                                   m_grid=a.m_grid, lm_steps=a.lm_steps, attacks=a.attacks, gradient=a.gradient)
+    print(f"sweep: robust = {cfg.attack_description()}", flush=True)
     r = sweep.run_sweep(cfg, a.out, device=a.device, progress=a.progress, **_load_kwargs(a))
+    pct = lambda row, key, lo, hi: f"{100 * row[key]:5.1f} [{100 * row[lo]:.1f}, {100 * row[hi]:.1f}]"  # noqa: E731
     for row in r["rows"]:
         where = f"M={row['lm_steps']:<3d}" if "lm_steps" in row else f"t*={row['t_star']:<6g}"
-        print(f"{row['axis']:>8}  {where} lam={row['lam']:<5g} clean {row['clean_acc']:.3f} "
-              f"± {row['clean_se']:.3f}  robust {row['robust_acc']:.3f} ± {row['robust_se']:.3f}")
-    print(f"wrote {a.out}/sweep.csv, sweep.json, sweep.png ({r['seconds']:.1f} s)")
+        print(f"{row['axis']:>8}  {where} lam={row['lam']:<5g} "
+              f"clean Avg {pct(row, 'clean_acc', 'clean_lo', 'clean_hi')}"
+              f"  robust Avg {pct(row, 'robust_acc', 'robust_lo', 'robust_hi')}"
+              f"  Worst-of-R {pct(row, 'robust_worst', 'robust_worst_lo', 'robust_worst_hi')}")
+    print(f"(%, 95 % intervals over images) wrote {a.out}/sweep.csv, sweep.json, sweep.png ({r['seconds']:.1f} s)")
     return 0
 
 
@@ -195,40 +223,62 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS,
                    help=f"Monte-Carlo paths per cell (default {toy.N_PATHS:,})")
     p.add_argument("--c", type=_list_of(WEIGHT), default=toy.C_GRID,
-                   help=f"noise levels of the classifier, comma list in [0, {MAX_WEIGHT:g}]")
+                   help=f"noise weights c of the classifier p(y=1|x) = p1 / (p0 + p1 + c sin(100 x)/100), comma "
+                        f"list in [0, {MAX_WEIGHT:g}] (default {','.join(f'{v:g}' for v in toy.C_GRID)})")
     p.add_argument("--lam", type=_list_of(WEIGHT), default=toy.LAM_GRID,
-                   help=f"guidance weights, comma list in [0, {MAX_WEIGHT:g}]")
+                   help=f"guidance weights, comma list in [0, {MAX_WEIGHT:g}] (default "
+                        f"{','.join(f'{v:g}' for v in toy.LAM_GRID)})")
     p.set_defaults(func=_command(run_toy_cmd))
 
     p = sub.add_parser("trajectory", help="p(y_true|x_t), p(y_adv|x_t) along purification (Fig. 2a)")
     _common(p)
-    _data_args(p)
+    _data_args(p, trajectory.DEFAULTS, {**trajectory.DEFAULTS, **TRAJECTORY_CIFAR})
     p.add_argument("--t-star", type=T_STAR, default=0.1, help="purification time t* in (0, 1] (default 0.1)")
     p.add_argument("--lam", type=WEIGHT, default=1.0, help="guidance weight of the guided path (default 1)")
     p.set_defaults(func=_command(run_trajectory_cmd))
 
-    p = sub.add_parser("sweep", help="clean / APGD-CE robust accuracy vs t* and vs lam (Fig. 4); --defense coup-lm: "
-                                     "vs the LM steps M and lam (Sec. 5.2.1)")
+    p = sub.add_parser("sweep", help="clean / robust accuracy vs t* and vs lam (Fig. 4; APGD-CE by default, the "
+                                     "worst case over --attacks or --protocol); --defense coup-lm: vs the LM steps M "
+                                     "and lam (Sec. 5.2.1)")
     _common(p)
-    _data_args(p)
+    _data_args(p, sweep.PRESETS["digits"], sweep.PRESETS["cifar10"])
     p.add_argument("--defense", choices=sweep.DEFENSES, default="coup",
                    help="coup (default: axes t* and lam) or coup-lm (likelihood maximization with guidance, Sec. 5.2.1: "
                         "axes M and lam, lam = 0 being LM without guidance)")
     p.add_argument("--m-grid", type=_list_of(LM_STEPS), default=None,
                    help=f"coup-lm: LM step counts M of the first axis (default {','.join(map(str, sweep.M_GRID))})")
     p.add_argument("--lm-steps", type=LM_STEPS, default=None, help="coup-lm: M on the lam axis (default 5)")
-    p.add_argument("--ddpm-ckpt", help="coup-lm on CIFAR: the DDPM eps-network (coup_fast.models.load_ddpm); digits "
-                                       "use the shipped score model through coup_fast.lm.index_eps_model")
-    p.add_argument("--t-grid", type=_list_of(T_STAR), default=None, help="t* values (lam fixed at --lam)")
-    p.add_argument("--lam-grid", type=_list_of(WEIGHT), default=None, help="lam values (t* fixed at --t-star)")
+    p.add_argument("--ddpm-ckpt", help="coup-lm on CIFAR: the DDPM eps-network (coup_fast.models.load_ddpm; default "
+                                       "none: required there); digits use the shipped score model through "
+                                       "coup_fast.lm.index_eps_model")
+    grid = lambda values: ",".join(f"{v:g}" for v in values)  # noqa: E731
+    p.add_argument("--t-grid", type=_list_of(T_STAR), default=None,
+                   help=f"t* values, lam fixed at --lam (default: digits {grid(sweep.PRESETS['digits']['t_grid'])}; "
+                        f"CIFAR {grid(sweep.PRESETS['cifar10']['t_grid'])})")
+    p.add_argument("--lam-grid", type=_list_of(WEIGHT), default=None,
+                   help=f"lam values, t* fixed at --t-star (default: digits "
+                        f"{grid(sweep.PRESETS['digits']['lam_grid'])}; "
+                        f"CIFAR {grid(sweep.PRESETS['cifar10']['lam_grid'])})")
     p.add_argument("--t-star", type=T_STAR, default=0.1, help="t* of the lam axis (default 0.1)")
     p.add_argument("--lam", type=WEIGHT, default=1.0, help="lam of the t* axis (default 1)")
     p.add_argument("--n-eval", type=POSITIVE_INT, default=None,
-                   help="purifications of each clean and each adversarial image (mean and SE over images; default 4)")
+                   help="R: purifications of each clean image and each attack candidate (Avg and Worst-of-R with 95 %% "
+                        f"intervals over images; default {sweep.SweepConfig.n_eval}, or the protocol's)")
     p.add_argument("--eot", type=POSITIVE_INT, default=None,
-                   help="EOT draws per APGD-CE gradient (default 1; AutoAttack-rand uses 20)")
+                   help=f"EOT draws per APGD-CE gradient (default {sweep.SweepConfig.eot}; AutoAttack-rand uses 20)")
+    p.add_argument("--attacks", type=_names(ATTACKS), default=None,
+                   help=f"comma list of attacks from {ATTACKS}: robust accuracy is per image the worst over the clean "
+                        f"image and these, as coup-fast eval's worst case (default "
+                        f"{','.join(sweep.SweepConfig.attacks)}, or the protocol's; the digits eval runs "
+                        "apgd-ce,aa-rand,pgd-eot)")
+    p.add_argument("--protocol", type=_names(tuple(PROTOCOLS)), default=None,
+                   help=f"comma list of the literature's attack budgets {tuple(PROTOCOLS)} (coup_fast.protocols, as "
+                        "coup-fast eval --protocol; flags win; default none)")
+    p.add_argument("--gradient", choices=ATTACK_GRADIENTS, default="exact",
+                   help="the attacker's gradient (purify's gradient; default exact, the discrete adjoint)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="purify's engine ('compile': torch.compile'd steps; lam and t* changes do not recompile)")
+                   help="purify's engine (default auto: CUDA graphs on a GPU, eager on a CPU; 'compile': "
+                        "torch.compile'd steps, lam and t* changes do not recompile)")
     p.set_defaults(func=_command(run_sweep_cmd))
     return paper
 

@@ -137,7 +137,10 @@ class NoisyToyClassifier(nn.Module):
         p0, p1 = _normal_pdf(x, MEANS[0]), _normal_pdf(x, MEANS[1])
         noise = torch.sin(NOISE_FREQ * x) / NOISE_FREQ
         tiny = max(self.tiny, torch.finfo(x.dtype).eps)
-        return (p1 / (p0 + p1 + self.c * noise)).clamp(tiny, 1.0 - tiny)
+        q = p1 / (p0 + p1 + self.c * noise)
+        # derivative 0 where the clamp is active, bounds included, as _ToyLogit's backward (stated, not torch's pick)
+        inside = (q > tiny) & (q < 1.0 - tiny)
+        return torch.where(inside, q, q.detach().clamp(tiny, 1.0 - tiny))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         x = (2.0 * u - 1.0).reshape(u.shape[0])
@@ -389,7 +392,7 @@ def plot_toy(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     panels = ((axes[0], "flip_prob", "se", "label flip P(x_0 < 0) (purified point)"),
               (axes[1], "flip_ever", "se_ever", "label flip P(min_t x_t < 0) (Prop. 1)"))
     for ax, key, se, ylabel in panels:
@@ -402,7 +405,10 @@ def plot_toy(result: dict, path: str) -> None:
         ax.set_title(f"2-Gaussian toy, x(t*={result['setup']['t_star']:g}) = {result['setup']['x_start']:g}; "
                      "bars: ± 2 SE", fontsize=9)
     axes[0].axhline(result["exact_flip_lam0_c0"], color="k", ls=":", lw=1, label="exact, lam = 0")
-    axes[0].legend(fontsize=8)
+    for ax in axes:  # each panel its own legend: the lines are the same c, their values differ
+        ax.legend(fontsize=8, title="classifier noise c", title_fontsize=8)
+    fig.suptitle("c: weight of the classifier's noise, p(y=1|x) = p1 / (p0 + p1 + c sin(100 x)/100) "
+                 "(c = 0: the Bayes classifier)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
     plt.close(fig)

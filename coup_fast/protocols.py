@@ -1,0 +1,23 @@
+"""Attack protocols of the literature: named budgets that `coup-fast eval --protocol` and `coup-fast paper sweep
+--protocol` apply over a data set's preset, in the order given (--protocol a,b: b wins where both set a value);
+flags and config values win over both.  Values are EvalConfig field names; steps are relative to eps (scaled
+with it)."""
+from __future__ import annotations
+
+PROTOCOLS = {
+    "lee-kim": ("Lee & Kim 2023, 'Robust evaluation of diffusion-based adversarial purification' (ICCV): PGD-EOT "
+                "200 iterations x EOT 20 through the full (exact) gradient, step 0.007 at L-inf 8/255",
+                dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=20, pgd_step_scale=0.007 / (8 / 255),
+                     pgd_random_start=True)),
+    "rdc": ("Chen et al. 2024, 'Robust classification via a single diffusion model' (RDC, ICML): BIM (PGD from the "
+            "clean image, Kurakin et al. 2017) 200 iterations x EOT 32 through the exact gradient; step 1/255 at "
+            "8/255 (Kurakin et al.'s; RDC states iterations and EOT)",
+            dict(attacks=["pgd-eot"], pgd_iter=200, pgd_eot=32, pgd_step_scale=1 / 8, pgd_random_start=False)),
+    "diffhammer-n10": ("Wang et al. 2024, 'DiffHammer: rethinking the robustness of diffusion-based adversarial "
+                       "purification' (NeurIPS): N = 10 resubmissions, Avg and Worst-of-N robustness (R = 10)",
+                       dict(n_eval=10)),
+    "paper": ("arXiv 2408.05900 (COUP), Sec. 5.1-5.2: AutoAttack standard and rand (EOT 20), worse of the two per "
+              "image; BPDA+EOT PGD-20, step 0.007 at L-inf 8/255",
+              dict(attacks=["aa", "bpda-eot"], n_iter=100, eot=20, fab_iter=100, square_queries=5000, bpda_iter=20,
+                   bpda_eot=20)),
+}
