@@ -16,6 +16,15 @@ PROTOCOLS = {
     "diffhammer-n10": ("Wang et al. 2024, 'DiffHammer: rethinking the robustness of diffusion-based adversarial "
                        "purification' (NeurIPS): N = 10 resubmissions, Avg and Worst-of-N robustness (R = 10)",
                        dict(n_eval=10)),
+    "diffattack": ("Kang, Song & Li 2023, 'DiffAttack: evasion attacks against diffusion-based adversarial "
+                   "purification' (NeurIPS), App. D: APGD on CE then DLR plus the deviated-reconstruction loss "
+                   "(lambda = 1) over the reverse states, 100 iterations x EOT 20 per round",
+                   dict(attacks=["diffattack"], diffattack_iter=100, diffattack_eot=20, diffattack_lambda=1.0)),
+    "diffhammer": ("Wang et al. 2024, 'DiffHammer' (NeurIPS), App. C.1.2 and its code: the selective EM attack over "
+                   "N = 10 paths with gradient grafting, APGD 3 restarts x 50 iterations (margin, CE, DLR), "
+                   "evaluated with N = 10 resubmissions",
+                   dict(attacks=["diffhammer"], diffhammer_iter=50, diffhammer_restarts=3, diffhammer_n=10,
+                        n_eval=10)),
     "paper": ("arXiv 2408.05900 (COUP), Sec. 5.1-5.2: AutoAttack standard and rand (EOT 20), worse of the two per "
               "image; BPDA+EOT PGD-20, step 0.007 at L-inf 8/255",
               dict(attacks=["aa", "bpda-eot"], n_iter=100, eot=20, fab_iter=100, square_queries=5000, bpda_iter=20,

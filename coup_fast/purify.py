@@ -407,9 +407,13 @@ class PurifiedClassifier(nn.Module):
         self.purify_kwargs = purify_kwargs
 
     def purify(self, x, samples: int = 1, states=None):
-        """purify(x) with this module's settings; `samples` and `states` as purify takes them."""
-        return purify(x, self.score_model, self.classifier, **{**self.purify_kwargs, "samples": samples},
-                      states=states)
+        """purify(x) with this module's settings; `samples` and `states` as purify takes them.  With `rows`, a call on
+        a batch of another size (AutoAttack attacks the subsets it forms itself) draws as a batch of its own."""
+        kwargs = {**self.purify_kwargs, "samples": samples}
+        rows = kwargs.get("rows")
+        if rows is not None and len(rows[0]) != x.shape[0]:
+            kwargs["rows"] = None
+        return purify(x, self.score_model, self.classifier, **kwargs, states=states)
 
     def forward(self, x):
         return self.classifier(self.purify(x))

@@ -143,10 +143,11 @@ class Table:
         return {worst_label(g): g for g in self.group_names()}.get(label) or self.groups.get(label, label)
 
     def per_image(self, label: str, column: str, threat: str):
-        """(acc (N,), robust (N,), runs, attacked (N,), complete) of a row or worst-case row in a column: per image
-        the minima over what it covers.  A row's own column counts the images it attacked; a worst case or 'all
-        attacks' counts every image (one skipped by a later attack was broken by an earlier one), and `complete`
-        says whether every image met every attack (else its Avg and MV are upper bounds)."""
+        """(acc (N,), robust (N,), runs, counted (N,), complete) of a row or worst-case row in a column: per image
+        the minima over what it covers.  Column 'all attacks' (over the clean image and every attack) counts every
+        image: one a schedule skipped at a later stage was broken at an earlier one, so it is not robust, and
+        `complete` says whether every image met every stage (else Avg and MV are upper bounds).  One attack's column
+        counts the images that every row it covers attacked with it (all of them under the full schedule)."""
         group = self.group_of(label)
         rows = self.members(group) if label == worst_label(group) else [label]
         cols = [CLEAN, *self.attacks] if column == ALL else [column]
@@ -156,10 +157,10 @@ class Table:
         acc = torch.stack([v.acc for v in verdicts]).min(0).values
         robust = torch.stack([v.robust for v in verdicts]).all(0)
         runs = max(v.correct.shape[0] for v in verdicts)
-        if len(verdicts) == 1:
-            return acc, robust, runs, verdicts[0].attacked, True
         met = torch.stack([v.attacked for v in verdicts])
-        return acc, robust, runs, met.any(0), bool(met.all())
+        if column == ALL:
+            return acc, robust, runs, met.any(0), bool(met.all())
+        return acc, robust, runs, met.all(0), True
 
     def cell(self, label: str, column: str, threat: str):
         """{n, of, runs, conditional, upper_bound, mean, mean_lo, mean_hi, mv, mv_lo, mv_hi, worst, worst_lo,

@@ -58,6 +58,13 @@ def test_later_stages_attack_only_the_images_still_standing(tmp_path):
             standing -= {i for i, ok in zip(rec["images"], kept.all(0).tolist()) if not ok}
     cell = table.cell(worst_label("coup"), ALL, "Linf")
     assert cell["upper_bound"] and not cell["conditional"] and cell["n"] == 12
+    # one attack's column of the worst case covers the images every row attacked with it (not those another attack
+    # broke first, which its later rows skipped)
+    both = table.samples[("coup", "pgd-eot", "Linf")].attacked & table.samples[("coup@bpda", "pgd-eot", "Linf")].attacked
+    column = table.cell(worst_label("coup"), "pgd-eot", "Linf")
+    assert column["n"] == int(both.sum()) and not column["upper_bound"]
+    robust = (table.samples[("coup", "pgd-eot", "Linf")].robust & table.samples[("coup@bpda", "pgd-eot", "Linf")].robust)
+    assert column["worst"] == pytest.approx(100 * float(robust[both].double().mean()))
 
 
 def test_cascade_and_full_find_the_same_worst_case_robust_images_with_fewer_gradients(tmp_path, capsys):
