@@ -294,3 +294,26 @@ def test_every_eval_flag_shows_its_default_and_the_off_switches_read_right():
     assert helps["out"].endswith("(default: coup_fast_eval)")
     assert helps["diagnostics"].startswith("skip the gradient-masking checks")
     assert helps["progress"].startswith("no progress bars")
+
+
+@pytest.mark.parametrize("damage", ["deep array", "dev zero", "string value", "not an object"])
+def test_a_paper_cell_that_would_block_resume_is_set_aside_and_recomputed(tmp_path, capsys, damage):
+    """`paper toy` / `paper sweep` cells: the same bounded reading (a 200k-deep array raised RecursionError and a link
+    to /dev/zero read forever on every rerun) and a check of the value the study reads."""
+    from coup_fast.paper import CellStore
+
+    store = CellStore(str(tmp_path), {"study": "t"})
+    store.put("a", {"robust_acc": 0.5, "n": 8})
+    path = store._path("a")
+    os.remove(path)
+    key = json.dumps(store.key)
+    if damage == "deep array":
+        open(path, "w").write("[" * 200_000 + "]" * 200_000)
+    elif damage == "dev zero":
+        os.symlink("/dev/zero", path)
+    elif damage == "string value":
+        open(path, "w").write('{"key": %s, "name": "a", "value": {"robust_acc": "high"}}' % key)
+    else:
+        open(path, "w").write('{"key": %s, "name": "a", "value": [1, 2]}' % key)
+    assert CellStore(str(tmp_path), {"study": "t"}).get("a") is None  # recomputed by the study
+    assert "unreadable cell" in capsys.readouterr().err and os.path.lexists(path + ".unreadable")

@@ -15,14 +15,18 @@ run resumes where it stopped when the same command is run again.
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 
 import torch
 
 from .._files import atomic_write, atomic_write_text
+from ..records import RecordError, read_json_bounded, set_aside
 
 CELLS_DIR = "cells"  # under the output directory: one JSON file per finished cell of a toy study or sweep
+CELL_MAX_BYTES = 1 << 20  # a cell is a few dozen numbers: a file larger than this is not one
+CELL_MAX_KEYS = 256
 
 
 def check_out_dir(out_dir, files=(), arg: str = "out_dir") -> str:
@@ -87,8 +91,10 @@ class CellStore:
 
     key: everything that changes a cell's numbers (the study's settings, a `fingerprint` of its
     networks and data); its sha256 names the files and is checked inside each one, so a study
-    under another key never reuses them.  An unreadable or foreign file is reported, set aside
-    (renamed *.unreadable, never deleted) and its cell recomputed.  `clear()` removes this key's
+    under another key never reuses them.  A cell's value is a flat object of named numbers (finite, or null),
+    the only thing the studies store.  A file that is not a regular file, too large or deep to be a cell,
+    unreadable, foreign, or whose value is not such an object is reported, set aside (renamed *.unreadable, never
+    deleted) and its cell recomputed (coup_fast.records reads it boundedly).  `clear()` removes this key's
     cells once the study's outputs are written.  directory=None: a store that keeps nothing.
     """
 
@@ -102,23 +108,23 @@ class CellStore:
 
     def get(self, name: str):
         """The value stored for cell `name` under this key, or None."""
-        if self.directory is None or not os.path.exists(self._path(name)):
+        if self.directory is None or not os.path.lexists(self._path(name)):
             return None
         path = self._path(name)
         try:
-            with open(path) as f:
-                record = json.load(f)
+            record = read_json_bounded(path, CELL_MAX_BYTES, max_depth=3)
             if not isinstance(record, dict) or record.get("key") != self.key or record.get("name") != name:
-                raise ValueError("it belongs to another study")
+                raise RecordError("it belongs to another study")
+            check_cell_value(record.get("value"))
             self.written.append(path)
             return record["value"]
-        except (OSError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
-            aside = f"{path}.unreadable"
-            os.replace(path, aside)
+        except (OSError, ValueError) as e:  # RecordError is a ValueError
+            aside = set_aside(path)
             print(f"{path}: unreadable cell ({e}); moved to {aside}, recomputing it", file=sys.stderr)
             return None
 
     def put(self, name: str, value) -> None:
+        check_cell_value(value)
         """Store cell `name` atomically (a killed run never leaves half a file)."""
         if self.directory is None:
             return
@@ -134,6 +140,16 @@ class CellStore:
         self.written = []
         if self.directory is not None and os.path.isdir(self.directory) and not os.listdir(self.directory):
             os.rmdir(self.directory)
+
+
+def check_cell_value(value) -> None:
+    """A cell's value: an object of at most CELL_MAX_KEYS named numbers (finite) or nulls; RecordError otherwise."""
+    if not isinstance(value, dict) or not 0 < len(value) <= CELL_MAX_KEYS:
+        raise RecordError(f"its value is a {type(value).__name__}, not an object of named numbers")
+    for key, v in value.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(key, str) or len(key) > 100 or not (number or v is None):
+            raise RecordError(f"its value's entry {str(key)[:40]!r} is {str(v)[:40]!r}, not a finite number")
 
 
 def write_outputs(result: dict, out_dir: str, name: str, plot) -> dict:
