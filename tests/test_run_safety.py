@@ -317,3 +317,20 @@ def test_a_paper_cell_that_would_block_resume_is_set_aside_and_recomputed(tmp_pa
         open(path, "w").write('{"key": %s, "name": "a", "value": [1, 2]}' % key)
     assert CellStore(str(tmp_path), {"study": "t"}).get("a") is None  # recomputed by the study
     assert "unreadable cell" in capsys.readouterr().err and os.path.lexists(path + ".unreadable")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["paper", "sweep", "--device", "meta"], "--device"),
+    (["paper", "toy", "--n-paths", "1000000000000"], "--n-paths"),
+    (["paper", "sweep", "--defense", "coup", "--m-grid", "1,2"], "--m-grid"),
+    (["paper", "sweep", "--defense", "coup-lm", "--t-grid", "0.05,0.1"], "--t-grid"),
+])
+def test_paper_commands_refuse_what_they_would_crash_on_or_ignore(tmp_path, capsys, argv, flag):
+    """A meta device and 1e12 toy paths ended in tracebacks; --m-grid was silently ignored with --defense coup."""
+    import contextlib
+
+    parse_error = flag in ("--device", "--n-paths")  # refused by argparse itself (exit status 2)
+    with pytest.raises(SystemExit, match="2") if parse_error else contextlib.nullcontext():
+        assert cli_main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err and not (tmp_path / "o" / "sweep.json").exists()

@@ -57,6 +57,9 @@ DT = _number(float, MIN_DT, 1.0, lo_open=False, what=f"dt in [{MIN_DT:g}, 1] (at
 WEIGHT = _number(float, 0.0, MAX_WEIGHT, lo_open=False, what=f"a number in [0, {MAX_WEIGHT:g}]")
 WRN_WIDEN = _number(int, 0, 64, what="a widen factor in [1, 64]")
 LM_STEPS = _number(int, 0, 1000, what="an integer in [1, 1000]")
+# the toy study holds its (steps, paths) float64 noise in memory: 100 steps x 2M paths is 1.6 GB
+MAX_PATHS = 2_000_000
+N_PATHS = _number(int, 0, MAX_PATHS, what=f"an integer in [1, {MAX_PATHS:,}]")
 
 
 def _wrn_depth(text: str) -> int:
@@ -97,6 +100,10 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the studies run on cpu or cuda"
+                                         + ("; a meta tensor has no values to compute with" if device.type == "meta"
+                                            else ""))
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
@@ -190,6 +197,10 @@ def run_trajectory_cmd(a) -> int:
 
 
 def run_sweep_cmd(a) -> int:
+    if a.defense == "coup" and a.m_grid is not None:
+        raise ValueError("--m-grid: the LM steps axis of --defense coup-lm; --defense coup sweeps t* (--t-grid)")
+    if a.defense == "coup-lm" and a.t_grid is not None:
+        raise ValueError("--t-grid: the t* axis of --defense coup; --defense coup-lm sweeps M (--m-grid)")
     if a.defense == "coup" and a.ddpm_ckpt is not None:
         raise ValueError("--ddpm-ckpt: the eps-network of --defense coup-lm; --defense coup takes --score-ckpt")
     if a.defense == "coup-lm" and a.score_ckpt is not None:
@@ -220,8 +231,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("toy", help="2-Gaussian label-flip probability vs (c, lam) and Prop. 2 (Fig. 3b)")
     _common(p)
-    p.add_argument("--n-paths", type=POSITIVE_INT, default=toy.N_PATHS,
-                   help=f"Monte-Carlo paths per cell (default {toy.N_PATHS:,})")
+    p.add_argument("--n-paths", type=N_PATHS, default=toy.N_PATHS,
+                   help=f"Monte-Carlo paths per cell, at most {MAX_PATHS:,} (default {toy.N_PATHS:,})")
     p.add_argument("--c", type=_list_of(WEIGHT), default=toy.C_GRID,
                    help=f"noise weights c of the classifier p(y=1|x) = p1 / (p0 + p1 + c sin(100 x)/100), comma "
                         f"list in [0, {MAX_WEIGHT:g}] (default {','.join(f'{v:g}' for v in toy.C_GRID)})")
