@@ -74,3 +74,16 @@ def out_and_grad(fn, x, upstream):
     out = fn(x)
     (grad,) = torch.autograd.grad(out, x, upstream)
     return out.detach(), grad
+
+
+def float64_problem(kind: str):
+    """(score, classifier, x) in float64: 'analytic' (d = 5, x (3, 5)) or 'neural' (x (2, 1, 4, 4)), x in [0.2, 0.8]
+    (away from the clamp's bounds), the gradient tests' shared problem."""
+    if kind == "analytic":
+        score, clf = analytic_problem(d=5, dtype=torch.float64)
+        shape = (3, 5)
+    else:
+        score, clf = neural_problem(dtype=torch.float64)
+        shape = (2, 1, 4, 4)
+    x = 0.2 + 0.6 * torch.rand(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return score, clf, x

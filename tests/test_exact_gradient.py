@@ -10,7 +10,7 @@ from coup_fast import purify
 from coup_fast.noise import draw_seed
 from coup_fast.reference import purify_unrolled
 from coup_fast.sde import ReverseGrid
-from problems import analytic_problem, neural_problem, out_and_grad, step_noise
+from problems import analytic_problem, float64_problem, out_and_grad, step_noise
 
 F64 = torch.float64
 T_STAR, DT, LAM = 0.02, 0.005, 2.0  # 4 steps: short enough for gradcheck, long enough to chain adjoint steps
@@ -18,14 +18,7 @@ MODES = ("coup", "reverse", "diffpure")
 
 
 def _problem(kind):
-    if kind == "analytic":
-        score, clf = analytic_problem(d=5, dtype=F64)
-        shape = (3, 5)
-    else:
-        score, clf = neural_problem(dtype=F64)
-        shape = (2, 1, 4, 4)
-    x = 0.2 + 0.6 * torch.rand(shape, generator=torch.Generator().manual_seed(7), dtype=F64)
-    return score, clf, x
+    return float64_problem(kind)
 
 
 def _noise(mode, shape, seed=3):

@@ -217,7 +217,7 @@ def test_the_philox_path_is_one_brownian_motion_on_both_grids():
     for (_, dtau, _), inc in zip(map(grid.forward_step, range(grid.n_forward)), forward):
         assert inc.var().item() == pytest.approx(dtau, rel=0.05)
     # forward step 1 and backward step 3 share the sub-interval [tau_1, 1 - (1e-5 + 3 h)]: covariance = its length
-    (t1, _, (a1, b1)), (_, _, (a3, b3)) = grid.forward_step(1), grid.backward_step(3)
+    (_, _, (a1, b1)), (_, _, (a3, b3)) = grid.forward_step(1), grid.backward_step(3)
     overlap = max(0.0, min(b1, b3) - max(a1, a3))
     assert overlap > 0 and (forward[1] * backward[3]).mean().item() == pytest.approx(overlap, rel=0.1)
     assert sorted(set(grid.counters)) == [*range(grid.n_forward), *range(grid.n_forward + 1, max(grid.counters) + 1)]

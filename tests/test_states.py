@@ -7,7 +7,7 @@ import torch
 from coup_fast import PurifiedClassifier, purify
 from coup_fast.networks import drift_terms
 from coup_fast.sde import ReverseGrid, diffuse, euler_maruyama_step
-from problems import analytic_problem, neural_problem, step_noise
+from problems import float64_problem, step_noise
 
 F64 = torch.float64
 T_STAR, DT, LAM = 0.02, 0.005, 2.0  # N = 4 steps
@@ -15,14 +15,7 @@ N = 4
 
 
 def _problem(kind):
-    if kind == "analytic":
-        score, clf = analytic_problem(d=5, dtype=F64)
-        shape = (3, 5)
-    else:
-        score, clf = neural_problem(dtype=F64)
-        shape = (2, 1, 4, 4)
-    x = 0.2 + 0.6 * torch.rand(shape, generator=torch.Generator().manual_seed(7), dtype=F64)
-    return score, clf, x
+    return float64_problem(kind)
 
 
 def unrolled(u, score, clf, *, mode, noise, ks, detach_guidance=False):
