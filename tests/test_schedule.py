@@ -108,3 +108,18 @@ def test_the_headline_gives_clean_and_robust_in_the_same_metrics(schedule):
                      n_eval=3, batch_size=6, progress=False, diagnostics=False, schedule_name=schedule)
     head = table.headline().splitlines()[2]
     assert "Clean Avg" in head and "Clean Worst-of-R" in head and "Robust MV" in head
+
+
+def test_a_stage_left_with_no_image_standing_runs_nothing_and_reads_as_empty(tmp_path):
+    models, x, y = _setup(6)
+    wrong = (y + 1) % 5  # every clean image misclassified: the cascade leaves the attacks nothing to attack
+    table = evaluate({"reverse": models["reverse"]}, x, wrong, attacks=["pgd-eot"], eps={"Linf": 0.2}, settings=TINY,
+                     n_eval=2, batch_size=3, progress=False, diagnostics=False, diag_images=0, out_dir=str(tmp_path))
+    (path,) = glob.glob(str(tmp_path / "batches" / "*" / "Linf" / "reverse-*" / "pgd-eot" / "batch00000.json"))
+    assert json.loads(open(path).read())["images"] == []
+    cell = table.cell("reverse", "pgd-eot", "Linf")
+    assert cell["n"] == 0 and cell["worst"] is None and "–" in table.to_markdown()
+    assert table.cell("reverse", ALL, "Linf")["worst"] == 0.0
+    again = evaluate({"reverse": models["reverse"]}, x, wrong, attacks=["pgd-eot"], eps={"Linf": 0.2}, settings=TINY,
+                     n_eval=2, batch_size=3, progress=False, diagnostics=False, diag_images=0, out_dir=str(tmp_path))
+    assert again.cells == table.cells  # the empty records resume like any other
