@@ -53,17 +53,17 @@ PRESETS = {
     "digits": dict(n_images=32, batch_size=32, eps_linf=0.15, eps_l2=1.0, t_star_linf=0.1, t_star_l2=0.1, dt=2e-2,
                    n_iter=5, eot=2, pgd_iter=10, pgd_eot=4, bpda_iter=20, bpda_eot=4, fab_iter=10,
                    square_queries=100, n_eval=10, threads=1, pgd_random_start=True, defenses=_DIGITS_DEFENSES,
-                   diffattack_iter=5, diffattack_eot=4, diffhammer_iter=5, diffhammer_n=10,
+                   diffattack_iter=5, diffattack_eot=4, diffhammer_iter=5, diffhammer_n=10, loss="ce",
                    attacks=["apgd-ce", "aa-rand", "pgd-eot"], threats=["Linf"]),
     "cifar10": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075, dt=1e-3,
                     n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
                     square_queries=5000, n_eval=10, pgd_random_start=True, defenses=_PAPER_DEFENSES,
-                    diffattack_iter=100, diffattack_eot=20, diffhammer_iter=50, diffhammer_n=10,
+                    diffattack_iter=100, diffattack_eot=20, diffhammer_iter=50, diffhammer_n=10, loss="ce",
                     attacks=["aa", "apgd-ce", "bpda-eot"], threats=["Linf", "L2"]),
     "cifar100": dict(n_images=512, batch_size=64, eps_linf=8 / 255, eps_l2=0.5, t_star_linf=0.1, t_star_l2=0.075,
                      dt=1e-3, n_iter=100, eot=20, pgd_iter=20, pgd_eot=20, bpda_iter=20, bpda_eot=20, fab_iter=100,
                      square_queries=5000, n_eval=10, pgd_random_start=True, diffattack_iter=100, diffattack_eot=20,
-                     diffhammer_iter=50, diffhammer_n=10,
+                     diffhammer_iter=50, diffhammer_n=10, loss="ce",
                      defenses=["none", "lm", "lm@bpda", "coup-lm", "coup-lm@detached-guidance", "coup-lm@bpda"],
                      attacks=["apgd-ce"], threats=["Linf"]),
 }
@@ -172,7 +172,7 @@ class EvalConfig:
     bpda_step: float | None = _setting(None, "bpda-eot step (unset: 0.007 at L-inf 8/255, scaled with eps)")
     bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
     # issue 25: the loss of the PGD attacks, and DiffAttack's and DiffHammer's settings (coup_fast.attacks.registry)
-    loss: str = _setting("ce", f"loss pgd-eot and bpda-eot ascend, one of {LOSSES}: 'margin' is Carlini & Wagner's "
+    loss: str | None = _setting(None, f"loss pgd-eot and bpda-eot ascend, one of {LOSSES}: 'margin' is Carlini & Wagner's "
                                "max_(j != y) z_j - z_y (S&P 2017), 'dlr' Croce & Hein's difference of logits ratio "
                                "(ICML 2020, AutoAttack's APGD-DLR)")
     diffattack_iter: int | None = _setting(None, "diffattack: APGD iterations per round, CE then DLR (Kang et al., "

@@ -25,6 +25,14 @@ PROTOCOLS = {
                    "evaluated with N = 10 resubmissions",
                    dict(attacks=["diffhammer"], diffhammer_iter=50, diffhammer_restarts=3, diffhammer_n=10,
                         n_eval=10)),
+    "strongest": ("coup_fast's digits study (issue 25, README): the three attacks that together lowered every "
+                  "purifier's worst case most, in the cascade's order: PGD-EOT with Carlini & Wagner's margin (the "
+                  "most images broken per gradient), then DiffAttack and DiffHammer at their papers' budgets (each "
+                  "broke images the others missed); PGD-EOT at lee-kim's 200 x 20, R = 10",
+                  dict(attacks=["pgd-eot", "diffattack", "diffhammer"], loss="margin", pgd_iter=200, pgd_eot=20,
+                       pgd_step_scale=0.007 / (8 / 255), pgd_random_start=True, diffattack_iter=100,
+                       diffattack_eot=20, diffattack_lambda=1.0, diffhammer_iter=50, diffhammer_restarts=3,
+                       diffhammer_n=10, n_eval=10)),
     "paper": ("arXiv 2408.05900 (COUP), Sec. 5.1-5.2: AutoAttack standard and rand (EOT 20), worse of the two per "
               "image; BPDA+EOT PGD-20, step 0.007 at L-inf 8/255",
               dict(attacks=["aa", "bpda-eot"], n_iter=100, eot=20, fab_iter=100, square_queries=5000, bpda_iter=20,

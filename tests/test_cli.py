@@ -223,6 +223,13 @@ def test_protocols_set_the_literatures_budgets_and_flags_still_win():
     paper = validate(_cfg(["--protocol", "paper"]))
     assert paper.attacks == ["aa", "bpda-eot"] and (paper.n_iter, paper.eot, paper.bpda_iter) == (100, 20, 20)
     assert validate(_cfg(["--protocol", "diffhammer-n10"])).n_eval == 10
+    # strongest: lee-kim's PGD-EOT with the margin loss, then DiffAttack and DiffHammer at their papers' budgets
+    strong = validate(_cfg(["--protocol", "strongest"]))
+    assert strong.attacks == ["pgd-eot", "diffattack", "diffhammer"] and strong.loss == "margin"
+    assert (strong.pgd_iter, strong.pgd_eot, strong.pgd_random_start) == (200, 20, True)
+    assert strong.attack_settings().pgd_step_for(8 / 255) == pytest.approx(0.007)
+    assert (strong.diffattack_iter, strong.diffattack_eot, strong.diffattack_lambda) == (100, 20, 1.0)  # Kang, App. D
+    assert (strong.diffhammer_restarts, strong.diffhammer_iter, strong.diffhammer_n, strong.n_eval) == (3, 50, 10, 10)
     help_text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     for source in ("Lee & Kim 2023", "RDC", "DiffHammer", "2408.05900"):
         assert source in " ".join(help_text.split())

@@ -54,6 +54,12 @@ def per_image_worst(lines: dict, groups: dict, group: str) -> dict:
     return out
 
 
+def robust(lines: dict, groups: dict, group: str, attacks: list, image: int) -> bool:
+    """Whether `image` stays robust under Worst-of-R against `attacks` over every row of `group` (and clean)."""
+    keys = [(row, attack) for row in groups if groups[row] == group for attack in [CLEAN, *attacks]]
+    return all(lines.get(key, {}).get(image, 1.0) == 1.0 for key in keys)
+
+
 def gradients_per_image(attack: str, settings: AttackSettings) -> float:
     """The attacker gradients one image costs under `attack` (a straight-through one counts as one too)."""
     return attack_work(attack, settings, 10).gradients
@@ -92,6 +98,22 @@ def main(argv=None) -> str:
                 broken = sum(images[i] < 1.0 for i in standing) / max(len(standing), 1)
                 out.append(f"| {row} | {attack} | {grads:.0f} | {c['worst']} | {c['avg']} | {c['mv']} | "
                            f"{1000 * broken / grads:.2f} |")
+        out.append("")
+        diag = range(n_diag)
+        out += [f"Worst-of-R on the same {n_diag} images, worst case over each defense's rows, per attack and for all "
+                "of them; lee-kim: PGD-EOT 200 x 20 (CE) of the lee-kim run on those images", "",
+                "| defense | " + " | ".join(attacks) + " | all of them | lee-kim | lee-kim and all of them |",
+                "|---|" + "---:|" * (len(attacks) + 3)]
+        for group in dict.fromkeys(groups.values()):
+            columns = [[attack] for attack in attacks] + [attacks]
+            counts = [sum(robust(lines, groups, group, cols, i) for i in diag) for cols in columns]
+            if group in lee_groups.values():
+                lee = [robust(lee_lines, lee_groups, group, ["pgd-eot"], i) for i in diag]
+                counts += [sum(lee), sum(ok and robust(lines, groups, group, attacks, i) for i, ok in zip(diag, lee))]
+            else:
+                counts += [None, None]
+            pct = [f"{100 * c / n_diag:.1f}" if c is not None else "–" for c in counts]
+            out.append(f"| {group} | " + " | ".join(pct) + " |")
         out.append("")
         for group in dict.fromkeys(groups.values()):
             mine = per_image_worst(lines, groups, group)
