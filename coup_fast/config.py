@@ -172,9 +172,9 @@ class EvalConfig:
     bpda_step: float | None = _setting(None, "bpda-eot step (unset: 0.007 at L-inf 8/255, scaled with eps)")
     bpda_eot: int | None = _setting(None, "bpda-eot EOT draws per gradient")
     # issue 25: the loss of the PGD attacks, and DiffAttack's and DiffHammer's settings (coup_fast.attacks.registry)
-    loss: str | None = _setting(None, f"loss pgd-eot and bpda-eot ascend, one of {LOSSES}: 'margin' is Carlini & Wagner's "
-                               "max_(j != y) z_j - z_y (S&P 2017), 'dlr' Croce & Hein's difference of logits ratio "
-                               "(ICML 2020, AutoAttack's APGD-DLR)")
+    loss: str | None = _setting(None, f"loss pgd-eot and bpda-eot ascend, one of {LOSSES}: 'margin' is Carlini & "
+                                      "Wagner's max_(j != y) z_j - z_y (S&P 2017), 'dlr' Croce & Hein's difference of "
+                                      "logits ratio (ICML 2020, AutoAttack's APGD-DLR)")
     diffattack_iter: int | None = _setting(None, "diffattack: APGD iterations per round, CE then DLR (Kang et al., "
                                                  "'DiffAttack', NeurIPS 2023, App. D.2: 100)")
     diffattack_eot: int | None = _setting(None, "diffattack: EOT draws per gradient (DiffAttack App. D.2: 20)")
